@@ -51,6 +51,26 @@ class Module:
         cache, self.cache = self.cache, None
         return cache
 
+    def check_input(self, x, shape, dtype=None):
+        """Raise a ValueError naming this module if ``x`` does not fit.
+
+        ``shape`` is the expected shape with ``None`` for free dimensions,
+        e.g. ``(None, 64, None, None)`` for NCHW with 64 channels. ``dtype``,
+        if given, must match exactly: a float64 batch must not silently turn
+        a float32 network into float64 (or the reverse).
+        """
+        if not hasattr(x, "shape") or not hasattr(x, "dtype"):
+            raise TypeError(f"{self!r}: expected an array, got {type(x).__name__}")
+        fits = x.ndim == len(shape) and all(e is None or e == a for e, a in zip(shape, x.shape))
+        if not fits:
+            expected = "(" + ", ".join("*" if e is None else str(e) for e in shape) + ")"
+            raise ValueError(f"{self!r}: expected input of shape {expected}, got {tuple(x.shape)}")
+        if dtype is not None and x.dtype != dtype:
+            raise ValueError(
+                f"{self!r}: expected {dtype} input (the module's dtype), got {x.dtype}; "
+                f"convert with x.astype({str(dtype)!r}) or module.astype(...)"
+            )
+
     def add_param(self, name, value):
         """Register a learnable array and its zero gradient."""
         self.params[name] = value

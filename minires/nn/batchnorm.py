@@ -1,0 +1,45 @@
+"""BatchNorm2d module: wraps minires.functional.batchnorm (math in docs/backward/batchnorm.md)."""
+import numpy
+
+from .. import backend
+from ..functional.batchnorm import batchnorm2d_backward, batchnorm2d_forward
+from . import init
+from .module import Module
+
+
+class BatchNorm2d(Module):
+    """Per-channel batch normalization with PyTorch's numbers.
+
+    Training: normalize with the batch's biased variance, update the running
+    stats with momentum 0.1 and the unbiased variance. Eval: use the running stats.
+    Parameters ``weight`` (gamma, init 1) and ``bias`` (beta, init 0); buffers
+    ``running_mean``, ``running_var``, ``num_batches_tracked`` (torchvision's names).
+    """
+
+    def __init__(self, num_features, eps=1e-5, momentum=0.1):
+        super().__init__()
+        self.num_features, self.eps, self.momentum = num_features, eps, momentum
+        self.add_param("weight", init.constant((num_features,), 1.0))
+        self.add_param("bias", init.constant((num_features,), 0.0))
+        self.buffers["running_mean"] = init.constant((num_features,), 0.0)
+        self.buffers["running_var"] = init.constant((num_features,), 1.0)
+        self.buffers["num_batches_tracked"] = backend.to_device(numpy.zeros((), dtype=numpy.int64))
+
+    def forward(self, x):
+        gamma = self.params["weight"]
+        self.check_input(x, (None, self.num_features, None, None), gamma.dtype)
+        out, self.cache = batchnorm2d_forward(
+            x, gamma, self.params["bias"], self.buffers["running_mean"], self.buffers["running_var"],
+            self.momentum, self.eps, self.training)
+        if self.training:
+            self.buffers["num_batches_tracked"] += 1
+        return out
+
+    def backward(self, dout):
+        dx, dgamma, dbeta = batchnorm2d_backward(dout, self.pop_cache())
+        self.grads["weight"] += dgamma
+        self.grads["bias"] += dbeta
+        return dx
+
+    def extra_repr(self):
+        return f"{self.num_features}, eps={self.eps}, momentum={self.momentum}"

@@ -1,0 +1,48 @@
+"""Linear and Flatten modules: wrap minires.functional.linear."""
+import math
+
+from ..functional.linear import flatten_backward, flatten_forward, linear_backward, linear_forward
+from . import init
+from .module import Module
+
+
+class Linear(Module):
+    """out = x @ weight.T + bias; x (N, in_features) -> (N, out_features).
+
+    Initialized as torch.nn.Linear: weight and bias uniform in +-1/sqrt(in_features).
+    """
+
+    def __init__(self, in_features, out_features, bias=True):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        bound = 1 / math.sqrt(in_features)
+        self.add_param("weight", init.uniform((out_features, in_features), bound))
+        if bias:
+            self.add_param("bias", init.uniform((out_features,), bound))
+
+    def forward(self, x):
+        w = self.params["weight"]
+        self.check_input(x, (None, self.in_features), w.dtype)
+        out, self.cache = linear_forward(x, w, self.params.get("bias"))
+        return out
+
+    def backward(self, dout):
+        dx, dw, db = linear_backward(dout, self.pop_cache())
+        self.grads["weight"] += dw
+        if db is not None:
+            self.grads["bias"] += db
+        return dx
+
+    def extra_repr(self):
+        return f"in_features={self.in_features}, out_features={self.out_features}, bias={'bias' in self.params}"
+
+
+class Flatten(Module):
+    """(N, C, H, W) -> (N, C*H*W)."""
+
+    def forward(self, x):
+        out, self.cache = flatten_forward(x)
+        return out
+
+    def backward(self, dout):
+        return flatten_backward(dout, self.pop_cache())

@@ -1,0 +1,21 @@
+"""CrossEntropyLoss module: wraps minires.functional.loss."""
+from ..functional.loss import softmax_cross_entropy_backward, softmax_cross_entropy_forward
+from .module import Module
+
+
+class CrossEntropyLoss(Module):
+    """Softmax cross-entropy averaged over the batch.
+
+    ``loss = fn(logits, labels)`` returns a Python float;
+    ``fn.backward()`` returns dL/dlogits (the start of every backward pass).
+    """
+
+    def __call__(self, logits, labels):
+        return self.forward(logits, labels)
+
+    def forward(self, logits, labels):
+        loss, self.cache = softmax_cross_entropy_forward(logits, labels)
+        return float(loss)
+
+    def backward(self, dloss=1.0):
+        return softmax_cross_entropy_backward(dloss, self.pop_cache())
