@@ -1,0 +1,68 @@
+"""The example minires started from: one residual block, 3 -> 64 channels.
+
+    H(x) = F(x) + W_s x
+    F(x) = bn2(conv2(relu(bn1(conv1(x)))))   (3x3 convs with bias)
+    W_s  = 1x1 conv + BN projection           (the shapes differ: 3 -> 64 channels)
+
+applied to one 3x224x224 image; then the backward pass, by hand; then, if
+PyTorch is installed, the same block in PyTorch with the same weights.
+
+Run:  python demos/seed_block.py
+"""
+import numpy
+
+from minires import backend
+from minires.models import BasicBlock
+
+
+def main():
+    backend.manual_seed(0)
+    block = BasicBlock(3, 64, stride=1, shortcut="B", bias=True)
+    x = numpy.random.default_rng(0).standard_normal((1, 3, 224, 224)).astype(numpy.float32)
+
+    out = block(x)
+    print("block:", block)
+    print("input shape: ", x.shape)
+    print("output shape:", out.shape)
+
+    dout = numpy.random.default_rng(1).standard_normal(out.shape).astype(numpy.float32)
+    dx = block.backward(dout)
+    print("\ngradient of the input:", dx.shape)
+    for name, grad in block.named_grads().items():
+        print(f"  d {name:<26} {grad.shape}")
+
+    try:
+        import torch
+    except ImportError:
+        print("\n(PyTorch not installed: skipping the comparison)")
+        return
+    from minires.interop import state_dict_to_torch
+    tnn = torch.nn
+
+    class TorchBlock(tnn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv1, self.bn1 = tnn.Conv2d(3, 64, 3, 1, 1), tnn.BatchNorm2d(64)
+            self.conv2, self.bn2 = tnn.Conv2d(64, 64, 3, 1, 1), tnn.BatchNorm2d(64)
+            self.downsample = tnn.Sequential(tnn.Conv2d(3, 64, 1, bias=False), tnn.BatchNorm2d(64))
+
+        def forward(self, x):
+            branch = self.bn2(self.conv2(torch.relu(self.bn1(self.conv1(x)))))
+            return torch.relu(branch + self.downsample(x))
+
+    twin = TorchBlock()
+    twin.load_state_dict(state_dict_to_torch(block.state_dict()))  # same weights, same names
+    tx = torch.tensor(x, requires_grad=True)
+    tout = twin(tx)
+    tout.backward(torch.tensor(dout))
+    print("\nPyTorch, same weights:")
+    print(f"  largest |output difference|:         {numpy.abs(out - tout.detach().numpy()).max():.2e}")
+    print(f"  largest |input-gradient difference|: {numpy.abs(dx - tx.grad.numpy()).max():.2e}")
+    torch_grads = dict(twin.named_parameters())
+    worst = max(numpy.abs(g - torch_grads[n].grad.numpy()).max() / (numpy.abs(g).max() + 1e-12)
+                for n, g in block.named_grads().items())
+    print(f"  largest parameter-gradient difference (relative to its scale): {worst:.2e}")
+
+
+if __name__ == "__main__":
+    main()

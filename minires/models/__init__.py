@@ -1,0 +1,30 @@
+"""Residual blocks, plain blocks, and the CIFAR / ImageNet ResNet families."""
+from .blocks import BasicBlock, Bottleneck, PlainBlock, ResidualBlock, ShortcutA
+from .resnet import (
+    CIFAR_MODELS,
+    IMAGENET_MODELS,
+    MODELS,
+    CifarResNet,
+    ImageNetResNet,
+    ResNet,
+    build_model,
+    plain18,
+    plain20,
+    plain32,
+    plain34,
+    plain44,
+    plain56,
+    plain110,
+    resnet18,
+    resnet20,
+    resnet32,
+    resnet34,
+    resnet44,
+    resnet50,
+    resnet56,
+    resnet101,
+    resnet110,
+    resnet152,
+    resnet1202,
+)
+from .summary import summary
