@@ -1,0 +1,206 @@
+"""``python -m minires COMMAND``: train, evaluate, summary, gradcheck, bench, gradflow, ...
+
+Bad arguments give a one-line error and exit status 2, never a traceback.
+"""
+import argparse
+import json
+import sys
+from dataclasses import fields
+
+import numpy
+
+
+class UsageError(Exception):
+    """Raised by a command for input it cannot use; printed as one line, exit 2."""
+
+
+def _positive_int(text):
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    return value
+
+
+def _non_negative_int(text):
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
+    return value
+
+
+def _positive_float(text):
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+    return value
+
+
+# --- train / evaluate -----------------------------------------------------------------
+
+def add_train(sub):
+    from .data import DATASETS
+    from .models import MODELS
+    from .train import SCHEDULES
+
+    p = sub.add_parser("train", help="train a model on a real dataset")
+    p.add_argument("--model", default="resnet20", choices=sorted(MODELS), metavar="NAME",
+                   help="model name (resnet20, plain56, resnet18, ...)")
+    p.add_argument("--dataset", default="fashion-mnist", choices=sorted(DATASETS))
+    p.add_argument("--epochs", type=_non_negative_int, default=2)
+    p.add_argument("--batch-size", type=_positive_int, default=128)
+    p.add_argument("--lr", type=_positive_float, default=0.1)
+    p.add_argument("--momentum", type=float, default=0.9)
+    p.add_argument("--weight-decay", type=float, default=5e-4)
+    p.add_argument("--nesterov", action="store_true")
+    p.add_argument("--optimizer", default="sgd", choices=["sgd", "adam", "adamw"])
+    p.add_argument("--schedule", default="cosine", choices=SCHEDULES)
+    p.add_argument("--recipe", choices=["he2016-cifar"],
+                   help="he2016-cifar: SGD lr 0.1, momentum 0.9, weight decay 1e-4, lr /10 at 1/2 and 3/4 "
+                        "of the run (He et al. 2016, sec. 4.2: 32k and 48k of 64k iterations), pad-and-crop + flip")
+    p.add_argument("--warmup", type=_non_negative_int, default=0, help="linear warm-up iterations")
+    p.add_argument("--shortcut", default="A", choices=["A", "B"])
+    p.add_argument("--augment", action=argparse.BooleanOptionalAction, default=None,
+                   help="pad-and-crop + flip (default: on for cifar10 only)")
+    p.add_argument("--subset", type=_positive_int, help="use N training (and at most N test) images")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--backend", default="numpy", choices=["numpy", "cupy"])
+    p.add_argument("--data-dir", help="folder holding the dataset files (searched first)")
+    p.add_argument("--out", default="runs/default", help="output folder (history.json, checkpoint.npz, curves.png)")
+    p.add_argument("--resume", metavar="PATH", help="checkpoint to resume from")
+    p.add_argument("--no-progress", dest="progress", action="store_false")
+    p.set_defaults(run=run_train)
+
+    p = sub.add_parser("evaluate", help="test accuracy of a saved checkpoint")
+    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--data-dir")
+    p.add_argument("--backend", default="numpy", choices=["numpy", "cupy"])
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
+    p.set_defaults(run=run_evaluate)
+
+
+def run_train(args):
+    from .train import TrainConfig, train
+
+    names = {f.name for f in fields(TrainConfig)}
+    config = TrainConfig(**{k: v for k, v in vars(args).items() if k in names})
+    if args.recipe == "he2016-cifar":
+        config.lr, config.momentum, config.weight_decay, config.schedule = 0.1, 0.9, 1e-4, "he2016-cifar"
+        if config.augment is None:
+            config.augment = True
+    history = train(config, resume=args.resume)
+    if history:
+        last = history[-1]
+        print(f"final: test accuracy {100 * last['test_acc']:.2f}%  (outputs in {config.out})")
+
+
+def run_evaluate(args):
+    from .train import evaluate_checkpoint
+
+    result = evaluate_checkpoint(args.checkpoint, args.data_dir, backend_name=args.backend)
+    if args.json:
+        print(json.dumps(result))
+    else:
+        print(f"{result['model']} on {result['dataset']} (epoch {result['epoch']}): "
+              f"test loss {result['test_loss']:.4f}, test accuracy {100 * result['test_acc']:.2f}%")
+
+
+# --- summary / gradcheck --------------------------------------------------------------
+
+def add_summary(sub):
+    from .models import MODELS
+
+    p = sub.add_parser("summary", help="per-layer table of a model: shapes, parameters, mult-adds")
+    p.add_argument("model", choices=sorted(MODELS), metavar="MODEL")
+    p.add_argument("--input", type=_positive_int, nargs=3, metavar=("C", "H", "W"),
+                   help="input shape (default: 3 32 32 for CIFAR models, 3 224 224 for ImageNet ones)")
+    p.add_argument("--num-classes", type=_positive_int)
+    p.set_defaults(run=run_summary)
+
+
+def run_summary(args):
+    from .models import build_model, summary
+
+    from .models import CIFAR_MODELS
+
+    shape = args.input or ((3, 32, 32) if args.model in CIFAR_MODELS else (3, 224, 224))
+    kw = {"in_channels": shape[0]}
+    if args.num_classes:
+        kw["num_classes"] = args.num_classes
+    summary(build_model(args.model, **kw), shape)
+
+
+def add_gradcheck(sub):
+    p = sub.add_parser("gradcheck", help="gradient-check every layer type and a small ResNet")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(run=run_gradcheck)
+
+
+def run_gradcheck(args):
+    from . import backend, nn
+    from .gradcheck import check_module
+    from .models import CifarResNet
+
+    backend.manual_seed(args.seed)
+    rng = numpy.random.default_rng(args.seed)
+    cases = [
+        ("Conv2d 3x3 stride 2 pad 1", nn.Conv2d(3, 4, 3, 2, 1), (2, 3, 7, 7)),
+        ("BatchNorm2d (training)", nn.BatchNorm2d(3), (4, 3, 4, 4)),
+        ("ReLU", nn.ReLU(), (2, 3, 4, 4)),
+        ("Linear", nn.Linear(6, 4), (3, 6)),
+        ("MaxPool2d 2x2", nn.MaxPool2d(2), (2, 2, 4, 4)),
+        ("AvgPool2d 3x3 stride 2 pad 1", nn.AvgPool2d(3, 2, 1), (2, 2, 5, 5)),
+        ("ResNet-8 (option A), tiny", CifarResNet(1, 3, 2, widths=(2, 3, 4)), (3, 2, 6, 6)),
+        ("plain-8, tiny", CifarResNet(1, 3, 2, plain=True, widths=(2, 3, 4)), (3, 2, 6, 6)),
+    ]
+    print("Centered differences in float64 with a random upstream gradient; "
+          "relative error = |a-b| / (|a|+|b|)\n")
+    print(f"{'layer':<32} {'worst relative error':>22}   checked")
+    worst_all = 0.0
+    for name, module, shape in cases:
+        errors = check_module(module, rng.standard_normal(shape), num_checks=8)
+        worst = max(errors.values())
+        worst_all = max(worst_all, worst)
+        print(f"{name:<32} {worst:>22.2e}   input + {len(errors) - 1} parameter arrays")
+    verdict = "all backward passes agree with numerical gradients" if worst_all < 1e-7 else "MISMATCH"
+    print(f"\n{verdict} (worst {worst_all:.1e}, bound 1e-7)")
+    if worst_all >= 1e-7:
+        raise SystemExit(1)
+
+
+# --- entry point ----------------------------------------------------------------------
+
+# Each entry adds one sub-command; commands with more code live next to it
+# (e.g. minires/bench.py defines its own add_parser).
+COMMANDS = [add_train, add_summary, add_gradcheck]
+
+
+def build_parser():
+    parser = argparse.ArgumentParser(prog="python -m minires", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    for add in COMMANDS:
+        add(sub)
+    return parser
+
+
+def main(argv=None):
+    """Parse arguments and run the command; user errors -> one line on stderr, exit 2.
+
+    Set MINIRES_DEBUG=1 to see the full traceback instead.
+    """
+    import os
+
+    from .checkpoint import CheckpointError
+    from .data import DataError, DownloadError
+
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.run(args)
+    except (UsageError, ValueError, KeyError, FileNotFoundError, CheckpointError, DataError, DownloadError,
+            RuntimeError) as err:
+        if os.environ.get("MINIRES_DEBUG"):
+            raise
+        message = err.args[0] if isinstance(err, KeyError) and err.args else err
+        parser.exit(2, f"minires {args.command}: error: {message}\n")
+    except KeyboardInterrupt:
+        parser.exit(130, "interrupted\n")

@@ -1,0 +1,304 @@
+"""The training loop: every stage of a step written out, plus what makes a run
+usable -- progress bars, per-epoch history, curves, checkpoints and resume.
+
+One training step, exactly as a learner would write it::
+
+    logits = model(x)                      # forward, each layer keeps its cache
+    loss = loss_fn(logits, y)              # softmax cross-entropy, a float
+    model.zero_grad()                      # gradients accumulate: clear them
+    model.backward(loss_fn.backward())     # backward, last layer first
+    opt.step()                             # p -= lr * (update from the gradients)
+    schedule.step()                        # lr for the next iteration
+
+Outputs in ``config.out``: ``history.json`` (one record per epoch),
+``checkpoint.npz`` (model + optimizer + schedule + RNG state, written
+atomically after every epoch) and ``curves.png``.
+"""
+import json
+import math
+import os
+import time
+from dataclasses import asdict, dataclass, fields
+
+import numpy
+
+from . import backend
+from .checkpoint import CheckpointError, check_model_config, load_checkpoint, save_checkpoint
+from .data import DATASETS, DataLoader, load_dataset, subset
+from .models import build_model
+from .nn import CrossEntropyLoss
+from .optim import SGD, Adam, AdamW, CosineLR, LinearWarmup, MultiStepLR, he2016_cifar
+
+SCHEDULES = ("cosine", "multistep", "constant", "he2016-cifar")
+
+
+@dataclass
+class TrainConfig:
+    model: str = "resnet20"
+    dataset: str = "fashion-mnist"
+    epochs: int = 2
+    batch_size: int = 128
+    lr: float = 0.1
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    nesterov: bool = False
+    optimizer: str = "sgd"          # sgd | adam | adamw
+    schedule: str = "cosine"        # see SCHEDULES; "he2016-cifar" = the paper's recipe
+    warmup: int = 0                 # linear warm-up iterations
+    shortcut: str = "A"
+    augment: bool = None            # None: on for CIFAR-10, off for the 28x28 datasets
+    subset: int = None              # train on N examples (and test on at most N)
+    seed: int = 0
+    backend: str = "numpy"
+    data_dir: str = None
+    out: str = "runs/default"
+    eval_batch_size: int = 500
+    progress: bool = True
+
+    def model_config(self, info):
+        return {"name": self.model, "num_classes": info.num_classes, "in_channels": info.channels,
+                "shortcut": self.shortcut}
+
+
+class NonFiniteError(RuntimeError):
+    """Training produced NaN or inf; the message names where it first appeared."""
+
+
+def validate(config):
+    """Raise ValueError for settings that cannot work, before any data is loaded."""
+    from .models import MODELS
+
+    if config.model not in MODELS:
+        raise ValueError(f"unknown model {config.model!r}; choose one of: {', '.join(MODELS)}")
+    if config.dataset not in DATASETS:
+        raise ValueError(f"unknown dataset {config.dataset!r}; choose one of: {', '.join(DATASETS)}")
+    if config.schedule not in SCHEDULES:
+        raise ValueError(f"unknown schedule {config.schedule!r}; choose one of: {', '.join(SCHEDULES)}")
+    if config.optimizer not in ("sgd", "adam", "adamw"):
+        raise ValueError(f"unknown optimizer {config.optimizer!r}; choose sgd, adam or adamw")
+    for name in ("epochs", "batch_size", "eval_batch_size"):
+        if int(getattr(config, name)) < (0 if name == "epochs" else 1):
+            raise ValueError(f"{name} must be {'>= 0' if name == 'epochs' else '>= 1'}, got {getattr(config, name)}")
+    if config.subset is not None and config.subset < 1:
+        raise ValueError(f"subset must be >= 1, got {config.subset}")
+    if not config.lr > 0:
+        raise ValueError(f"lr must be > 0, got {config.lr}")
+    if config.data_dir is not None and not os.path.isdir(config.data_dir):
+        raise FileNotFoundError(f"data directory {config.data_dir!r} does not exist")
+
+
+def make_optimizer(config, model):
+    if config.optimizer == "sgd":
+        return SGD(model, config.lr, config.momentum, config.weight_decay, config.nesterov)
+    if config.optimizer == "adam":
+        return Adam(model, config.lr, weight_decay=config.weight_decay)
+    return AdamW(model, config.lr, weight_decay=config.weight_decay)
+
+
+def make_schedule(config, optimizer, total_steps):
+    """An LR schedule stepped once per iteration (None for a constant lr)."""
+    steps = max(1, total_steps - config.warmup)
+    after = {
+        "cosine": lambda: CosineLR(optimizer, total_steps=steps),
+        "multistep": lambda: MultiStepLR(optimizer, milestones=(steps // 2, steps * 3 // 4)),
+        "he2016-cifar": lambda: he2016_cifar(optimizer, total_iterations=max(4, steps)),
+        "constant": lambda: None,
+    }[config.schedule]()
+    if config.warmup:
+        return LinearWarmup(optimizer, config.warmup, after=after)
+    return after
+
+
+def load_data(config, info):
+    x_train, y_train, x_test, y_test = load_dataset(config.dataset, config.data_dir, progress=config.progress)
+    if config.subset:
+        x_train, y_train = subset(x_train, y_train, min(config.subset, len(y_train)), seed=config.seed)
+        x_test, y_test = subset(x_test, y_test, min(config.subset, len(y_test)), seed=config.seed)
+    augment = config.dataset == "cifar10" if config.augment is None else config.augment
+    train_loader = DataLoader(x_train, y_train, config.batch_size, shuffle=True, seed=config.seed,
+                              augment=augment, flip=info.hflip, mean=info.mean, std=info.std)
+    test_loader = DataLoader(x_test, y_test, config.eval_batch_size, mean=info.mean, std=info.std)
+    return train_loader, test_loader
+
+
+def first_nonfinite_layer(model, x):
+    """Re-run the forward layer by layer; name the first layer whose output is
+    not finite (or "the input" if x already is not)."""
+    xp = backend.get_array_module(x)
+    if not bool(xp.isfinite(x).all()):
+        return "the input batch"
+    leaves = [(name, m) for name, m in model.named_modules() if not m.named_children()]
+    found = []
+    for name, m in leaves:
+        def checking_forward(inp, _name=name, _forward=m.forward):
+            out = _forward(inp)
+            if not found and not bool(xp.isfinite(out).all()):
+                found.append(_name)
+            return out
+        m.forward = checking_forward
+    try:
+        model(x)
+    finally:
+        for _, m in leaves:
+            vars(m).pop("forward", None)
+            m.cache = None
+    return found[0] if found else "the loss"
+
+
+def first_nonfinite_grad(model):
+    """Name of the first parameter (from the input side) with a NaN/inf gradient, or None."""
+    for name, g in model.named_grads().items():
+        if not bool(backend.get_array_module(g).isfinite(g).all()):
+            return name
+    return None
+
+
+def evaluate(model, loader, loss_fn=None):
+    """Mean loss and accuracy over a loader, in eval mode (BN uses running stats)."""
+    loss_fn = loss_fn or CrossEntropyLoss()
+    was_training = model.training
+    model.eval()
+    total_loss, correct, seen = 0.0, 0, 0
+    for x, y in loader:
+        logits = model(x)
+        total_loss += loss_fn(logits, y) * len(y)
+        correct += int((logits.argmax(axis=1) == y).sum())
+        seen += len(y)
+    for _, m in model.named_modules():
+        m.cache = None  # eval forwards are never followed by a backward
+    model.train(was_training)
+    return total_loss / seen, correct / seen
+
+
+def _progress(iterable, total, desc, enabled):
+    if not enabled:
+        return iterable
+    from tqdm import tqdm
+    return tqdm(iterable, total=total, desc=desc, leave=False, dynamic_ncols=True)
+
+
+def train_one_epoch(model, loader, loss_fn, opt, schedule, epoch, progress=True):
+    """One pass over ``loader``; returns (mean loss, accuracy, images/s, batch losses)."""
+    model.train()
+    total_loss, correct, seen, batch_losses = 0.0, 0, 0, []
+    start = time.perf_counter()
+    bar = _progress(loader, len(loader), f"epoch {epoch}", progress)
+    for x, y in bar:
+        logits = model(x)
+        loss = loss_fn(logits, y)
+        if not math.isfinite(loss):
+            where = first_nonfinite_layer(model, x)
+            raise NonFiniteError(f"loss became {loss} at epoch {epoch}, batch {len(batch_losses)}; "
+                                 f"first non-finite value in: {where}")
+        model.zero_grad()
+        model.backward(loss_fn.backward())
+        bad = first_nonfinite_grad(model)
+        if bad is not None:
+            raise NonFiniteError(f"gradient of {bad} became NaN/inf at epoch {epoch}, batch {len(batch_losses)}")
+        opt.step()
+        if schedule is not None:
+            schedule.step()
+        batch_losses.append(loss)
+        total_loss += loss * len(y)
+        correct += int((logits.argmax(axis=1) == y).sum())
+        seen += len(y)
+        if progress:
+            rate = seen / (time.perf_counter() - start)
+            bar.set_postfix(loss=f"{total_loss / seen:.4f}", acc=f"{correct / seen:.3f}", img_s=f"{rate:.0f}")
+    seconds = time.perf_counter() - start
+    return total_loss / max(seen, 1), correct / max(seen, 1), seen / seconds, batch_losses
+
+
+def _downsample(values, n=100):
+    """At most n averages of consecutive values (for the curves in history.json)."""
+    if len(values) <= n:
+        return [float(v) for v in values]
+    chunks = numpy.array_split(numpy.asarray(values, dtype=float), n)
+    return [float(c.mean()) for c in chunks]
+
+
+def train(config, resume=None, log=print):
+    """Train ``config.model`` on ``config.dataset``; returns the history (list of dicts).
+
+    ``resume``: path of a checkpoint written by an earlier run; training goes on
+    from the epoch after it, with the same optimizer, schedule and data order,
+    so 1 epoch + resume 1 epoch equals 2 epochs (bit for bit on NumPy).
+    """
+    validate(config)
+    backend.set_backend(config.backend)
+    backend.manual_seed(config.seed)
+    info = DATASETS[config.dataset]
+    train_loader, test_loader = load_data(config, info)
+    model_config = config.model_config(info)
+    model = build_model(model_config["name"], **{k: v for k, v in model_config.items() if k != "name"})
+    loss_fn = CrossEntropyLoss()
+    opt = make_optimizer(config, model)
+    schedule = make_schedule(config, opt, config.epochs * len(train_loader))
+    history, start_epoch = [], 0
+
+    if resume:
+        model_state, optim_state, meta = load_checkpoint(resume)
+        check_model_config(resume, meta, model_config)
+        model.load_state_dict(model_state)
+        opt.load_state_dict(optim_state)
+        if schedule is not None:
+            schedule.load_state_dict(meta["schedule"])
+        train_loader.set_state(meta["loader_state"])
+        history, start_epoch = meta["history"], meta["epoch"]
+        log(f"resumed from {resume} after epoch {start_epoch}")
+
+    os.makedirs(config.out, exist_ok=True)
+    checkpoint_path = os.path.join(config.out, "checkpoint.npz")
+    log(f"training {config.model} ({model.num_parameters():,} parameters) on {config.dataset}: "
+        f"{train_loader.num_samples} train / {len(test_loader.labels)} test images, backend {config.backend}")
+    for epoch in range(start_epoch + 1, config.epochs + 1):
+        lr, epoch_start = opt.lr, time.perf_counter()
+        train_loss, train_acc, images_per_s, batch_losses = train_one_epoch(
+            model, train_loader, loss_fn, opt, schedule, epoch, config.progress)
+        test_loss, test_acc = evaluate(model, test_loader, loss_fn)
+        record = {"epoch": epoch, "train_loss": train_loss, "train_acc": train_acc,
+                  "test_loss": test_loss, "test_acc": test_acc, "lr": lr,
+                  "seconds": time.perf_counter() - epoch_start,
+                  "images_per_s": images_per_s, "batch_losses": _downsample(batch_losses)}
+        history.append(record)
+        log(f"epoch {epoch}/{config.epochs}: train loss {train_loss:.4f} acc {train_acc:.4f} | "
+            f"test loss {test_loss:.4f} acc {test_acc:.4f} | {images_per_s:.0f} img/s, {record['seconds']:.0f} s")
+        meta = {"model": model_config, "config": asdict(config), "epoch": epoch, "history": history,
+                "schedule": None if schedule is None else schedule.state_dict(),
+                "loader_state": train_loader.get_state()}
+        save_checkpoint(checkpoint_path, model.state_dict(), opt.state_dict(), meta)
+        _write_json(os.path.join(config.out, "history.json"), history)
+        from .plots import plot_history
+        plot_history(history, os.path.join(config.out, "curves.png"), title=f"{config.model} on {config.dataset}")
+    return history
+
+
+def _write_json(path, data):
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(data, f, indent=1)
+    os.replace(tmp, path)
+
+
+def load_model(checkpoint):
+    """Rebuild the model saved in ``checkpoint``; returns (model, meta)."""
+    model_state, _, meta = load_checkpoint(checkpoint)
+    if "model" not in meta:
+        raise CheckpointError(f"checkpoint {checkpoint!r} does not say which model it holds")
+    config = dict(meta["model"])
+    model = build_model(config.pop("name"), **config)
+    model.load_state_dict(model_state)
+    return model, meta
+
+
+def evaluate_checkpoint(checkpoint, data_dir=None, batch_size=500, backend_name="numpy"):
+    """Test loss and accuracy of a saved model on its dataset's test set."""
+    backend.set_backend(backend_name)
+    model, meta = load_model(checkpoint)
+    config = TrainConfig(**{k: v for k, v in meta.get("config", {}).items() if k in {f.name for f in fields(TrainConfig)}})
+    info = DATASETS[config.dataset]
+    _, _, x_test, y_test = load_dataset(config.dataset, data_dir or config.data_dir, progress=False)
+    loader = DataLoader(x_test, y_test, batch_size, mean=info.mean, std=info.std)
+    loss, acc = evaluate(model, loader)
+    return {"dataset": config.dataset, "model": meta["model"]["name"], "epoch": meta.get("epoch"),
+            "test_loss": loss, "test_acc": acc}
