@@ -372,6 +372,7 @@ def conv2d_forward(x, w, b=None, stride=1, padding=0):
 
 def conv2d_backward(dout, cache):
     """Gradients of :func:`conv2d_forward`. Returns (dx, dw, db); db is None without bias."""
+    # BEGIN ASSIGNMENT conv2d_backward
     x, w, b, stride, padding = cache
     xp = get_array_module(dout, x, w)
     N, F, kh, kw = x.shape[0], w.shape[0], w.shape[2], w.shape[3]
@@ -386,3 +387,4 @@ def conv2d_backward(dout, cache):
         dw_mat += dw_chunk  # dw sums over the batch, so chunks add
     db = dout.sum(axis=(0, 2, 3)) if b is not None else None
     return dx, dw_mat.reshape(w.shape), db
+    # END ASSIGNMENT conv2d_backward

@@ -117,6 +117,7 @@ def maxpool2d_forward(x, kernel_size, stride=None, padding=0):
 
 def maxpool2d_backward(dout, cache):
     """Route each output's gradient to its arg-max pixel. Returns dx (N, C, H, W)."""
+    # BEGIN ASSIGNMENT maxpool2d_backward
     x_shape, argmax, (kh, kw), stride, padding = cache
     xp = get_array_module(dout)
     _check_dout("maxpool2d", dout, argmax.shape)
@@ -127,6 +128,7 @@ def maxpool2d_backward(dout, cache):
         target = _offset_view(dx_pad, k // kw, k % kw, stride, dout.shape[2:])
         target += xp.where(argmax == k, dout, 0)
     return xp.ascontiguousarray(_crop(dx_pad, padding, x_shape))
+    # END ASSIGNMENT maxpool2d_backward
 
 
 def maxpool2d_forward_naive(x, kernel_size, stride=None, padding=0):

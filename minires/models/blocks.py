@@ -69,6 +69,7 @@ class ResidualBlock(nn.Module):
         return self.relu(out)
 
     def backward(self, dout):
+        # BEGIN ASSIGNMENT residual_block_backward
         d = self.relu.backward(dout)
         d_branch, d_shortcut = add_backward(d)  # the addition copies d to both inputs
         for layer in reversed(self.branch):
@@ -78,6 +79,7 @@ class ResidualBlock(nn.Module):
         # x fanned out into the branch and the shortcut, so their gradients add.
         # This sum is why deep ResNets train: d_shortcut reaches x undiminished.
         return d_branch + d_shortcut
+        # END ASSIGNMENT residual_block_backward
 
 
 class BasicBlock(ResidualBlock):
