@@ -9,6 +9,8 @@ from dataclasses import fields
 
 import numpy
 
+from .assignment import add_parser as add_assignment
+
 
 class UsageError(Exception):
     """Raised by a command for input it cannot use; printed as one line, exit 2."""
@@ -171,7 +173,7 @@ def run_gradcheck(args):
 
 # Each entry adds one sub-command; commands with more code live next to it
 # (e.g. minires/bench.py defines its own add_parser).
-COMMANDS = [add_train, add_summary, add_gradcheck]
+COMMANDS = [add_train, add_summary, add_gradcheck, add_assignment]
 
 
 def build_parser():
