@@ -76,6 +76,7 @@ def add_train(sub):
     p.add_argument("--checkpoint", required=True)
     p.add_argument("--data-dir")
     p.add_argument("--backend", default="numpy", choices=["numpy", "cupy"])
+    p.add_argument("--subset", type=_positive_int, help="evaluate on N test images only")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     p.set_defaults(run=run_evaluate)
 
@@ -98,12 +99,13 @@ def run_train(args):
 def run_evaluate(args):
     from .train import evaluate_checkpoint
 
-    result = evaluate_checkpoint(args.checkpoint, args.data_dir, backend_name=args.backend)
+    result = evaluate_checkpoint(args.checkpoint, args.data_dir, backend_name=args.backend, subset_size=args.subset)
     if args.json:
         print(json.dumps(result))
     else:
         print(f"{result['model']} on {result['dataset']} (epoch {result['epoch']}): "
-              f"test loss {result['test_loss']:.4f}, test accuracy {100 * result['test_acc']:.2f}%")
+              f"test loss {result['test_loss']:.4f}, test accuracy {100 * result['test_acc']:.2f}% "
+              f"on {result['test_images']} test images")
 
 
 # --- summary / gradcheck --------------------------------------------------------------

@@ -291,14 +291,17 @@ def load_model(checkpoint):
     return model, meta
 
 
-def evaluate_checkpoint(checkpoint, data_dir=None, batch_size=500, backend_name="numpy"):
-    """Test loss and accuracy of a saved model on its dataset's test set."""
+def evaluate_checkpoint(checkpoint, data_dir=None, batch_size=500, backend_name="numpy", subset_size=None):
+    """Test loss and accuracy of a saved model on its dataset's test set
+    (or on a stratified subset of ``subset_size`` test images)."""
     backend.set_backend(backend_name)
     model, meta = load_model(checkpoint)
     config = TrainConfig(**{k: v for k, v in meta.get("config", {}).items() if k in {f.name for f in fields(TrainConfig)}})
     info = DATASETS[config.dataset]
     _, _, x_test, y_test = load_dataset(config.dataset, data_dir or config.data_dir, progress=False)
+    if subset_size:
+        x_test, y_test = subset(x_test, y_test, min(subset_size, len(y_test)))
     loader = DataLoader(x_test, y_test, batch_size, mean=info.mean, std=info.std)
     loss, acc = evaluate(model, loader)
     return {"dataset": config.dataset, "model": meta["model"]["name"], "epoch": meta.get("epoch"),
-            "test_loss": loss, "test_acc": acc}
+            "test_images": len(y_test), "test_loss": loss, "test_acc": acc}
