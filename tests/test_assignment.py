@@ -1,0 +1,268 @@
+"""The course-assignment kit (minires/assignment.py): markers, `make`, `grade`, the CLI.
+
+The acceptance cycle: the reference grades 100%; a student copy made from it
+fails exactly the stubbed parts and passes the rest; pasting the reference
+bodies back into the copy makes every part pass; plausible wrong answers fail.
+"""
+import ast
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from minires import assignment as A
+
+ROOT = Path(__file__).resolve().parents[1]
+PACKAGE = ROOT / "minires"
+try:
+    import torch  # noqa: F401  (only to know whether parity checks will run)
+    HAVE_TORCH = True
+except ImportError:
+    HAVE_TORCH = False
+
+
+def reference_bodies():
+    """dict part name -> the reference lines between its markers."""
+    bodies = {}
+    for name, (path, region) in A.package_regions(PACKAGE).items():
+        bodies[name] = A.region_body((PACKAGE / path).read_text(), region)
+    return bodies
+
+
+def set_body(copy_root, name, lines):
+    """Replace the body of part ``name`` in the copy at ``copy_root`` (markers stay)."""
+    part = next(p for p in A.PARTS if p.name == name)
+    target = Path(copy_root) / "minires" / part.path
+    text = target.read_text()
+    region = next(r for r in A.find_regions(text) if r.name == name)
+    target.write_text(A.replace_region(text, region, lines))
+
+
+def by_part(report):
+    return {p["part"]: p for p in report["parts"]}
+
+
+# --- markers and the registry ---------------------------------------------------------
+
+def qualified_functions(tree):
+    """dict qualified name -> FunctionDef for top-level functions and methods."""
+    out = {}
+    for node in tree.body:
+        if isinstance(node, ast.FunctionDef):
+            out[node.name] = node
+        elif isinstance(node, ast.ClassDef):
+            out.update({f"{node.name}.{f.name}": f for f in node.body if isinstance(f, ast.FunctionDef)})
+    return out
+
+
+def test_every_part_is_marked_once_inside_its_function():
+    regions = A.package_regions(PACKAGE)
+    assert sorted(regions) == sorted(A.PART_NAMES)
+    for part in A.PARTS:
+        path, region = regions[part.name]
+        assert path == part.path
+        module, _, qualname = part.function.partition(f".{Path(part.path).stem}.")
+        assert module == "minires." + str(Path(part.path).parent).replace("/", ".")
+        function = qualified_functions(ast.parse((PACKAGE / path).read_text()))[qualname]
+        # the markers sit inside the function, around its last statements (all after the docstring)
+        begin_line, end_line = region.begin + 1, region.end + 1  # 1-based, as ast counts
+        marked = [s for s in function.body if s.lineno > begin_line]
+        assert marked and marked[0].lineno == begin_line + 1  # BEGIN right before a statement
+        assert end_line == function.end_lineno + 1            # END right after the last one
+        assert (ROOT / part.doc).is_file(), part.doc
+
+
+@pytest.mark.parametrize("text, message", [
+    ("# BEGIN ASSIGNMENT a\n", "has no END"),
+    ("# END ASSIGNMENT a\n", "expected a BEGIN"),
+    ("# BEGIN ASSIGNMENT a\n# END ASSIGNMENT b\n", "expected END ASSIGNMENT a"),
+    ("# BEGIN ASSIGNMENT a\n# BEGIN ASSIGNMENT b\n", "do not nest"),
+    ("    # BEGIN ASSIGNMENT a\n# END ASSIGNMENT a\n", "indented differently"),
+    ("# BEGIN ASSIGNMENT a-b\n", "malformed"),
+])
+def test_bad_markers_are_reported_with_file_and_line(text, message):
+    with pytest.raises(ValueError, match=message) as info:
+        A.find_regions(text, "f.py")
+    assert str(info.value).startswith("f.py:")
+
+
+# --- make -----------------------------------------------------------------------------
+
+def test_make_stubs_only_the_marked_bodies(tmp_path):
+    out = tmp_path / "handout"
+    assert A.make(out) == list(A.PART_NAMES)
+    reference = reference_bodies()
+    for part in A.PARTS:
+        copied = (out / "minires" / part.path).read_text()
+        region = next(r for r in A.find_regions(copied) if r.name == part.name)
+        body = "\n".join(A.region_body(copied, region))
+        assert "raise NotImplementedError" in body and f"TODO({part.name})" in body
+        assert "Inputs:" in body and "Returns:" in body and part.doc in body
+        # putting the reference body back gives the reference file, byte for byte
+        restored = A.replace_region(copied, region, reference[part.name])
+        others = [p for p in A.PARTS if p.path == part.path and p.name != part.name]
+        for other in others:
+            r = next(r for r in A.find_regions(restored) if r.name == other.name)
+            restored = A.replace_region(restored, r, reference[other.name])
+        assert restored == (PACKAGE / part.path).read_text()
+    # every other file of the package is an exact copy
+    stubbed = {p.path for p in A.PARTS}
+    for source in PACKAGE.rglob("*.py"):
+        rel = source.relative_to(PACKAGE).as_posix()
+        if "__pycache__" not in rel and rel not in stubbed:
+            assert (out / "minires" / rel).read_bytes() == source.read_bytes(), rel
+    assert (out / "tests" / "test_ops.py").is_file()
+    assert not (out / "tests" / "test_assignment.py").exists()  # tests this kit, not the student's code
+    assert not (out / "docs").exists()
+    assert all(f"`{name}`" in (out / "ASSIGNMENT.md").read_text() for name in A.PART_NAMES)
+    assert "ResidualBlock" not in (out / "README.md").read_text()
+
+
+def test_make_only_and_with_docs(tmp_path):
+    names = A.make(tmp_path / "c", ["conv2d_backward,relu_backward"], with_docs=True)
+    assert names == ["relu_backward", "conv2d_backward"]  # in PARTS order
+    assert (tmp_path / "c" / "docs" / "backward" / "conv2d.md").is_file()
+    loss = (tmp_path / "c" / "minires" / "functional" / "loss.py").read_text()
+    assert loss == (PACKAGE / "functional" / "loss.py").read_text()
+
+
+def test_make_refuses_unsafe_or_unknown_requests(tmp_path):
+    with pytest.raises(ValueError, match="unknown assignment part"):
+        A.make(tmp_path / "a", ["relu_backward", "nope"])
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "notes.txt").write_text("mine")
+    with pytest.raises(ValueError, match="not empty"):
+        A.make(tmp_path / "full")
+    A.make(tmp_path / "full", ["relu_backward"], force=True)
+    assert (tmp_path / "full" / "notes.txt").read_text() == "mine"  # --force replaces only its folders
+    with pytest.raises(ValueError, match="reference checkout"):
+        A.make(ROOT, force=True)
+    with pytest.raises(ValueError, match="inside the reference package"):
+        A.make(PACKAGE / "handout")
+
+
+# --- grade ----------------------------------------------------------------------------
+
+def test_reference_grades_100_percent():
+    report = A.grade(ROOT)
+    assert report["passed"] == report["total"] == len(A.PARTS) and report["score"] == 1.0
+    assert Path(report["imported"]) == PACKAGE
+    assert report["torch"] == HAVE_TORCH
+    for part in report["parts"]:
+        assert part["passed"] and part["error"] is None and part["hint"] == ""
+        assert part["checks"] and 0 <= part["worst_rel_error"] < A.TOLERANCE
+        if HAVE_TORCH and part["part"] != "residual_block_backward":
+            assert any("vs torch" in c["name"] for c in part["checks"]), part["part"]
+
+
+def test_student_copy_fails_the_stubbed_parts_and_passes_after_pasting_back(tmp_path):
+    stubbed = ["relu_backward", "softmax_cross_entropy_backward", "batchnorm2d_backward",
+               "conv2d_backward", "residual_block_backward"]
+    A.make(tmp_path, stubbed)
+    report = A.grade(tmp_path, use_torch=False)
+    assert Path(report["imported"]) == tmp_path.resolve() / "minires"  # the copy, not the reference
+    results = by_part(report)
+    for name in A.PART_NAMES:
+        if name in stubbed:
+            assert not results[name]["passed"], name
+            assert results[name]["error"].startswith("NotImplementedError")
+            assert "not written yet" in results[name]["hint"]
+        else:
+            assert results[name]["passed"], results[name]
+    assert report["passed"] == len(A.PARTS) - len(stubbed)
+
+    for name, body in reference_bodies().items():
+        if name in stubbed:
+            set_body(tmp_path, name, body)
+    report = A.grade(tmp_path, use_torch=HAVE_TORCH)
+    assert report["score"] == 1.0, [(p["part"], p["hint"]) for p in report["parts"] if not p["passed"]]
+
+
+def test_full_student_copy_fails_every_part(tmp_path):
+    A.make(tmp_path)
+    report = A.grade(tmp_path, use_torch=False)
+    assert report["passed"] == 0
+    assert all(p["error"].startswith("NotImplementedError") for p in report["parts"])
+
+
+def edited(body, old, new):
+    text = "\n".join(body)
+    assert old in text, f"reference body changed: {old!r} not found"
+    return text.replace(old, new).splitlines()
+
+
+def test_plausible_wrong_answers_fail_with_a_useful_hint(tmp_path):
+    ref = reference_bodies()
+    wrong = {
+        # ReLU mask from >= 0 on the output: true everywhere, so nothing is blocked
+        "relu_backward": edited(ref["relu_backward"], "(out > 0)", "(out >= 0)"),
+        # dw transposed: (D, M) instead of (M, D)
+        "linear_backward": edited(ref["linear_backward"], "dout.T @ x", "x.T @ dout"),
+        # the eval-mode formula used in training mode too
+        "batchnorm2d_backward": edited(ref["batchnorm2d_backward"], "if not training:", "if True:"),
+        # forgot the 1/N of the batch mean
+        "softmax_cross_entropy_backward": edited(ref["softmax_cross_entropy_backward"], "dloss / n", "dloss"),
+        # no max subtraction: overflows for large logits
+        "softmax_cross_entropy_forward": edited(
+            ref["softmax_cross_entropy_forward"], "logits - logits.max(axis=1, keepdims=True)", "logits"),
+        # padding not cropped off dx
+        "maxpool2d_backward": edited(ref["maxpool2d_backward"], "_crop(dx_pad, padding, x_shape)", "dx_pad"),
+        # dw averaged over the batch instead of summed
+        "conv2d_backward": edited(ref["conv2d_backward"], "dw_mat.reshape(w.shape)",
+                                  "dw_mat.reshape(w.shape) / N"),
+        # forgot the shortcut's gradient
+        "residual_block_backward": edited(ref["residual_block_backward"],
+                                          "return d_branch + d_shortcut", "return d_branch"),
+    }
+    A.make(tmp_path)
+    for name, body in wrong.items():
+        set_body(tmp_path, name, body)
+    results = by_part(A.grade(tmp_path, use_torch=False))
+    for name in A.PART_NAMES:
+        result = results[name]
+        assert not result["passed"], name
+        assert result["error"] is None, (name, result["error"])  # it ran; a check caught it
+        failed = [c for c in result["checks"] if not c["passed"]]
+        assert failed and result["hint"].startswith(f"[{failed[0]['name']}]"), (name, result["hint"])
+    assert "has shape" in results["linear_backward"]["hint"]
+    assert "NaN or inf" in results["softmax_cross_entropy_forward"]["hint"]
+    assert "training" in results["batchnorm2d_backward"]["hint"]
+    assert results["residual_block_backward"]["worst_rel_error"] > 1e-2
+
+
+def test_an_endless_loop_fails_by_timeout_not_forever(tmp_path):
+    A.make(tmp_path, ["relu_backward"])
+    set_body(tmp_path, "relu_backward", ["    while True:", "        pass"])
+    report = A.grade(tmp_path, ["relu_backward", "linear_backward"], use_torch=False, timeout=5)
+    assert report["passed"] == 0
+    assert all("--timeout 5" in p["error"] for p in report["parts"])
+
+
+# --- command line ---------------------------------------------------------------------
+
+def cli(*args, cwd=ROOT):
+    return subprocess.run([sys.executable, "-m", "minires", "assignment", *args], cwd=cwd,
+                          capture_output=True, text=True, timeout=300)
+
+
+def test_cli_make_grade_list_and_errors(tmp_path):
+    made = cli("make", "--out", str(tmp_path / "h"), "--only", "linear_backward")
+    assert made.returncode == 0 and "1 part(s) stubbed: linear_backward" in made.stdout
+    graded = cli("grade", "--path", str(tmp_path / "h"), "--only", "linear_backward", "relu_backward",
+                 "--no-torch", "--json")
+    assert graded.returncode == 1
+    report = json.loads(graded.stdout)
+    assert [(p["part"], p["passed"]) for p in report["parts"]] == [("relu_backward", True), ("linear_backward", False)]
+    # run from inside the copy, grade grades the copy by default
+    inside = cli("grade", "--only", "relu_backward", "--no-torch", cwd=tmp_path / "h")
+    assert inside.returncode == 0 and "score: 1/1" in inside.stdout
+
+    listed = cli("list")
+    assert listed.returncode == 0 and all(name in listed.stdout for name in A.PART_NAMES)
+    for args, message in [(("make", "--out", str(tmp_path / "x"), "--only", "bogus"), "unknown assignment part"),
+                          (("grade", "--path", str(tmp_path / "empty")), "no minires package")]:
+        bad = cli(*args)
+        assert bad.returncode == 2 and message in bad.stderr
+        assert "Traceback" not in bad.stderr and len(bad.stderr.strip().splitlines()) == 1
