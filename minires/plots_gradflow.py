@@ -1,0 +1,141 @@
+"""Figures of the gradient-flow study (docs/gradient-flow.md).
+
+* :func:`plot_gradflow` -- gradient norm per layer at initialization, plain vs
+  residual on the same axes, one column per depth (``gradflow.json``);
+* :func:`plot_gradflow_heatmap` -- per-layer gradient norm over training
+  iterations, plain vs residual side by side;
+* :func:`plot_degradation` -- training error (thin) and test error (bold) vs
+  iterations, plain nets left and ResNets right, as Fig. 6 of He et al. 2016.
+
+Every magnitude that spans decades is drawn on a log scale.
+"""
+import math
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy  # noqa: E402
+from matplotlib.colors import LogNorm  # noqa: E402
+from matplotlib.lines import Line2D  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
+
+PLAIN_COLOR, RESNET_COLOR = "tab:red", "tab:blue"
+
+
+def _pretty(name):
+    """'plain56' -> 'plain-56', 'resnet56' -> 'ResNet-56'."""
+    for prefix, shown in (("plain", "plain-"), ("resnet", "ResNet-")):
+        if name.startswith(prefix):
+            return shown + name[len(prefix):]
+    return name
+
+
+def _condition(config):
+    parts = ["with BatchNorm (train mode)" if config.get("batchnorm", True) else "without BatchNorm"]
+    if config.get("zero_init_residual"):
+        parts.append("zero-init residual")
+    return ", ".join(parts)
+
+
+def plot_gradflow(data, path):
+    """``gradflow.json`` data -> PNG: one column per depth; top row ||dL/dW|| per
+    weight layer, bottom row ||dL/dx|| at each block's input; log y axes."""
+    config, models = data["config"], data["models"]
+    depths = config["depths"]
+    fig, axes = plt.subplots(2, len(depths), figsize=(4.6 * len(depths), 7.2), squeeze=False)
+    for col, depth in enumerate(depths):
+        ax_w, ax_x = axes[0, col], axes[1, col]
+        for kind, color, marker in (("plain", PLAIN_COLOR, "o"), ("resnet", RESNET_COLOR, "s")):
+            name = f"{kind}{depth}"
+            r = models[name]
+            ratio = r["first_last_conv_ratio"]
+            size = 3 if depth <= 56 else 2
+            ax_w.plot(range(1, len(r["grad_norms"]) + 1), r["grad_norms"], marker=marker, ms=size, lw=1.2,
+                      color=color, label=f"{_pretty(name)}  (first/last conv = {ratio:.3g})")
+            ax_x.plot(range(1, len(r["input_grad_norms"]) + 1), r["input_grad_norms"], marker=marker, ms=size,
+                      lw=1.2, color=color, label=_pretty(name))
+        ax_w.set_title(f"depth {depth}")
+        ax_w.set_xlabel("weight layer (1 = first conv ... last = fc)")
+        ax_x.set_xlabel("block (input \u2192 output)")
+        for ax in (ax_w, ax_x):
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+            ax.set_yscale("log")
+            ax.grid(alpha=0.3, which="both", lw=0.5)
+            ax.legend(fontsize=8, loc="best")
+        if col == 0:
+            ax_w.set_ylabel("\u2016dL/dW\u2016 of the layer's weights")
+            ax_x.set_ylabel("\u2016dL/dx\u2016 reaching the block's input")
+    source = config.get("data", "")
+    title = (f"Gradient norms at initialization, plain vs residual (same weights), {_condition(config)}\n"
+             f"one batch of {config['batch']}: {source}")
+    fig.suptitle(title, fontsize=10, color="darkred" if config.get("synthetic") else "black")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_gradflow_heatmap(runs, path, title=None):
+    """Per-layer ||dL/dW|| over training iterations, one panel per network.
+
+    ``runs``: ``{name: {"layers": [...], "iterations": [...], "grad_norms": [[...], ...]}}``
+    with one row of ``grad_norms`` per recorded iteration (input to output
+    within the row). All panels share one logarithmic color scale.
+    """
+    names = list(runs)
+    values = [numpy.asarray(runs[n]["grad_norms"], dtype=float) for n in names]
+    positive = numpy.concatenate([v[(v > 0) & numpy.isfinite(v)] for v in values])
+    norm = LogNorm(vmin=max(positive.min(), positive.max() * 1e-8), vmax=positive.max())
+    fig, axes = plt.subplots(1, len(names), figsize=(5.6 * len(names), 4.8), squeeze=False)
+    image = None
+    for ax, name, v in zip(axes[0], names, values):
+        iters = runs[name]["iterations"]
+        extent = (iters[0] - 0.5, iters[-1] + 0.5, 0.5, v.shape[1] + 0.5)
+        image = ax.imshow(numpy.clip(v.T, norm.vmin, None), origin="lower", aspect="auto", norm=norm,
+                          extent=extent, cmap="viridis", interpolation="nearest")
+        ax.set_title(_pretty(name))
+        ax.set_xlabel("training iteration")
+        ax.set_ylabel("weight layer (1 = first conv, top = fc)")
+    cbar = fig.colorbar(image, ax=axes[0].tolist(), shrink=0.9)
+    cbar.set_label("\u2016dL/dW\u2016 (log scale)")
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.savefig(path, dpi=110, bbox_inches="tight")
+    plt.close(fig)
+
+
+def plot_degradation(data, path):
+    """Degradation experiment data -> PNG in the style of He et al. (2016), Fig. 6.
+
+    Left: plain nets, right: ResNets; thin lines = training error (running
+    mean over the iterations since the previous point), bold = test error.
+    """
+    curves, config = data["curves"], data["config"]
+    fig, (ax_plain, ax_res) = plt.subplots(1, 2, figsize=(12, 4.6), sharey=True)
+    colors = {}
+    palette = ["tab:orange", "tab:red", "tab:purple", "tab:brown"]
+    highest = 0.0
+    for name, c in curves.items():
+        depth = int("".join(ch for ch in name if ch.isdigit()))
+        color = colors.setdefault(depth, palette[len(colors) % len(palette)])
+        ax = ax_plain if name.startswith("plain") else ax_res
+        ax.plot(c["iterations"], [100 * e for e in c["train_error"]], lw=0.9, color=color, alpha=0.9)
+        ax.plot(c["iterations"], [100 * e for e in c["test_error"]], lw=2.6, color=color,
+                label=f"{_pretty(name)}  (final test {100 * c['test_error'][-1]:.1f}%, "
+                      f"train {100 * c['train_error'][-1]:.1f}%)")
+        highest = max(highest, max(c["train_error"] + c["test_error"]))
+    for ax, title in ((ax_plain, "plain networks"), (ax_res, "residual networks")):
+        ax.set_title(title)
+        ax.set_xlabel("iteration")
+        ax.grid(alpha=0.3)
+        handles, labels = ax.get_legend_handles_labels()
+        handles += [Line2D([], [], color="gray", lw=0.9), Line2D([], [], color="gray", lw=2.6)]
+        labels += ["thin: training error", "bold: test error"]
+        ax.legend(handles, labels, fontsize=8, loc="upper right")
+    ax_plain.set_ylabel("error (%)")
+    ax_plain.set_ylim(0, min(100, 10 * math.ceil(10 * highest + 0.5)))
+    fig.suptitle(f"Degradation on {config['dataset']} ({config['preset']} preset: {config['description']})",
+                 fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

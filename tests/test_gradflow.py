@@ -1,0 +1,167 @@
+"""Gradient-flow recording: it must not change a single number, it must match
+PyTorch's norms for the same weights, and the gradflow command's JSON must
+have the documented layout."""
+import json
+
+import numpy
+import pytest
+
+from minires import backend, nn
+from minires.cli import main
+from minires.gradflow import blocks, build_pair, record_gradients, remove_batchnorm, weight_layers
+from minires.models import CifarResNet
+from minires.nn import CrossEntropyLoss
+
+SMALL = (4, 6, 8)  # channel widths that keep the tests fast
+
+
+def _backward(model, x, y):
+    """One training-mode forward/backward; returns (dx, copies of every grad)."""
+    loss_fn = CrossEntropyLoss()
+    loss_fn(model(x), y)
+    model.zero_grad()
+    dx = model.backward(loss_fn.backward())
+    return dx.copy(), {k: g.copy() for k, g in model.named_grads().items()}
+
+
+@pytest.mark.parametrize("plain", [False, True])
+def test_recording_leaves_gradients_bit_identical(plain, rng):
+    backend.manual_seed(0)
+    model = CifarResNet(2, 10, 1, plain=plain, widths=SMALL)
+    x = rng.standard_normal((6, 1, 12, 12)).astype(numpy.float32)
+    y = rng.integers(0, 10, size=6)
+    dx_plain, grads_plain = _backward(model, x, y)  # train-mode BN: running stats do not feed the output
+    with record_gradients(model) as rec:
+        dx_rec, grads_rec = _backward(model, x, y)
+    assert numpy.array_equal(dx_plain, dx_rec)
+    assert grads_plain.keys() == grads_rec.keys()
+    for name in grads_plain:
+        assert numpy.array_equal(grads_plain[name], grads_rec[name]), name
+    # Every module is back to its class's backward.
+    assert not [name for name, m in model.named_modules() if "backward" in vars(m)]
+    # One norm per weight layer and per block, in input-to-output order, all finite.
+    assert rec.layers[0] == "conv1" and rec.layers[-1] == "fc"
+    assert rec.layers == [n for n, _ in weight_layers(model)]
+    assert rec.blocks == ["layer1.0", "layer1.1", "layer2.0", "layer2.1", "layer3.0", "layer3.1"]
+    assert numpy.all(numpy.isfinite(rec.grad_norms)) and numpy.all(numpy.isfinite(rec.input_grad_norms))
+    expected = [numpy.linalg.norm(grads_rec[f"{n}.weight"].astype(numpy.float64)) for n in rec.layers]
+    numpy.testing.assert_allclose(rec.grad_norms, expected, rtol=1e-12)
+
+
+def test_recording_restores_methods_after_an_error(rng):
+    model = CifarResNet(1, 10, 1, widths=SMALL)
+    with pytest.raises(RuntimeError):
+        with record_gradients(model):
+            model.backward(numpy.ones((2, 10), numpy.float32))  # no forward before: raises
+    assert not [name for name, m in model.named_modules() if "backward" in vars(m)]
+
+
+def test_remove_batchnorm_replaces_every_bn_and_adds_conv_biases(rng):
+    model = remove_batchnorm(CifarResNet(1, 10, 1, widths=SMALL))
+    assert not [n for n, m in model.named_modules() if isinstance(m, nn.BatchNorm2d)]
+    block = model.layer1[0]
+    assert block.branch[1] is block.bn1 and not isinstance(block.bn1, nn.BatchNorm2d)
+    assert all("bias" in m.params for _, m in weight_layers(model))
+    out = model(rng.standard_normal((2, 1, 8, 8)).astype(numpy.float32))
+    assert out.shape == (2, 10)
+
+
+def test_build_pair_shares_weights():
+    plain, resnet = build_pair(8, widths=SMALL, batchnorm=False)
+    theirs = resnet.state_dict()
+    for name, value in plain.state_dict().items():
+        assert numpy.array_equal(value, theirs[name]), name
+    with pytest.raises(ValueError, match="no-bn"):
+        build_pair(8, widths=SMALL, batchnorm=False, zero_init_residual=True)
+
+
+def _torch_twin(model, plain, batchnorm):
+    """The PyTorch model of tests/torch_models.py with ``model``'s weights."""
+    torch = pytest.importorskip("torch")
+    import torch_models as T
+
+    from minires.interop import state_dict_to_torch
+
+    n = len(model.layer1)
+    twin = T.CifarResNet(n, 10, 1, "A", plain, widths=SMALL).double()
+    if not batchnorm:  # as remove_batchnorm: BN -> identity, convs get a bias
+        for _, parent in list(twin.named_modules()):
+            for child_name, child in list(parent.named_children()):
+                if isinstance(child, torch.nn.BatchNorm2d):
+                    setattr(parent, child_name, torch.nn.Identity())
+                elif isinstance(child, torch.nn.Conv2d):
+                    setattr(parent, child_name, torch.nn.Conv2d(
+                        child.in_channels, child.out_channels, child.kernel_size, child.stride,
+                        child.padding, bias=True).double())
+    twin.load_state_dict(state_dict_to_torch(model.state_dict()))
+    return twin
+
+
+@pytest.mark.parametrize("batchnorm", [True, False])
+@pytest.mark.parametrize("plain", [False, True])
+def test_norms_match_pytorch_for_the_same_weights(plain, batchnorm, rng):
+    torch = pytest.importorskip("torch")
+    pair = build_pair(14, in_channels=1, seed=3, batchnorm=batchnorm, dtype=numpy.float64, widths=SMALL)
+    model = pair[0] if plain else pair[1]
+    twin = _torch_twin(model, plain, batchnorm)
+    x = rng.standard_normal((5, 1, 12, 12))
+    y = rng.integers(0, 10, size=5)
+
+    loss_fn = CrossEntropyLoss()
+    loss_fn(model(x), y)
+    model.zero_grad()
+    with record_gradients(model) as rec:
+        model.backward(loss_fn.backward())
+
+    # PyTorch: keep the gradient of each block's input.
+    block_inputs = {}
+
+    def keep_input(name):
+        def hook(module, args):
+            args[0].retain_grad()
+            block_inputs[name] = args[0]
+        return hook
+
+    torch_modules = dict(twin.named_modules())
+    for name in rec.blocks:
+        torch_modules[name].register_forward_pre_hook(keep_input(name))
+    twin.train()
+    torch.nn.functional.cross_entropy(twin(torch.tensor(x)), torch.tensor(y)).backward()
+    params = dict(twin.named_parameters())
+    theirs = [params[f"{name}.weight"].grad.norm().item() for name in rec.layers]
+    theirs_x = [block_inputs[name].grad.norm().item() for name in rec.blocks]
+
+    numpy.testing.assert_allclose(rec.grad_norms, theirs, rtol=1e-6)
+    numpy.testing.assert_allclose(rec.input_grad_norms, theirs_x, rtol=1e-6)
+    assert len(rec.layers) == 14 and len(rec.blocks) == 6
+
+
+def test_gradflow_command_writes_the_documented_json(tmp_path, capsys):
+    out = tmp_path / "gf"
+    assert main(["gradflow", "--depths", "8", "14", "--out", str(out), "--synthetic", "--batch", "4"]) == 0
+    data = json.loads((out / "gradflow.json").read_text())
+    assert set(data) == {"models", "config"}
+    assert set(data["models"]) == {"plain8", "resnet8", "plain14", "resnet14"}
+    for name, record in data["models"].items():
+        depth = int(name.lstrip("plainresnet"))
+        assert len(record["layers"]) == len(record["grad_norms"]) == depth
+        assert len(record["blocks"]) == len(record["input_grad_norms"]) == (depth - 2) // 2
+        assert record["layers"][0] == "conv1" and record["layers"][-1] == "fc"
+        assert all(g > 0 for g in record["grad_norms"] + record["input_grad_norms"])
+        assert record["first_last_conv_ratio"] == pytest.approx(record["grad_norms"][0] / record["grad_norms"][-2])
+    config = data["config"]
+    assert config["depths"] == [8, 14] and config["batch"] == 4 and config["batchnorm"] is True
+    assert config["synthetic"] is True and config["data"].startswith("SYNTHETIC")
+    assert (out / "gradflow.png").stat().st_size > 10_000
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--depths", "21"], "6n+2"),
+    (["--batch", "1"], "batch"),
+    (["--no-bn", "--zero-init-residual"], "no-bn"),
+])
+def test_gradflow_command_rejects_bad_arguments(argv, message, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["gradflow", "--out", str(tmp_path), "--synthetic", "--depths", "8", *argv])
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
