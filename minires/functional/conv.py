@@ -49,7 +49,8 @@ Speed notes for the fast path (why the code looks the way it does):
   On CuPy the whole batch is one chunk (a GPU wants one large GEMM).
 * Stride 1 uses the "padded grid" trick, see :func:`_grid_im2col`: every row of
   ``cols`` becomes one contiguous slice of the padded input, and col2im
-  becomes kh*kw contiguous shifted additions.
+  becomes kh*kw contiguous shifted additions. Other strides use the general
+  strided-view :func:`im2col` / :func:`col2im`.
 """
 import numpy
 
@@ -169,21 +170,17 @@ def _as_strided(xp, a, shape, strides):
     return xp.lib.stride_tricks.as_strided(a, shape=shape, strides=strides)
 
 
-def _pad_channels_first(x, ph, pw, extra=0):
-    """Zero-padded copy of x, channels first and flattened: (C, N*Hp*Wp + extra).
+def _pad_channels_first(x, ph, pw):
+    """Zero-padded copy of x with channels first: (C, N, Hp, Wp).
 
-    One copy does both jobs (padding and the NCHW -> CNHW transpose). The
-    ``extra`` zeros at the end of every row let the padded-grid trick read a
-    little past the last image. Returns (flat, grid) where ``grid`` is the
-    (C, N, Hp, Wp) view of the first N*Hp*Wp entries of each row.
+    One copy does both jobs (padding and the NCHW -> CNHW transpose that puts
+    a channel's pixels next to each other, as the rows of ``cols`` want).
     """
     xp = get_array_module(x)
     N, C, H, W = x.shape
-    Hp, Wp = H + 2 * ph, W + 2 * pw
-    flat = xp.zeros((C, N * Hp * Wp + extra), dtype=x.dtype)
-    grid = flat[:, :N * Hp * Wp].reshape(C, N, Hp, Wp)
-    grid[:, :, ph:ph + H, pw:pw + W] = x.transpose(1, 0, 2, 3)
-    return flat, grid
+    x_pad = xp.zeros((C, N, H + 2 * ph, W + 2 * pw), dtype=x.dtype)
+    x_pad[:, :, ph:ph + H, pw:pw + W] = x.transpose(1, 0, 2, 3)
+    return x_pad
 
 
 def _window_view(grid, kh, kw, sh, sw, Ho, Wo):
@@ -210,7 +207,7 @@ def im2col(x, kh, kw, stride, padding):
     N, C, H, W = x.shape
     Ho, Wo = (H + 2 * ph - kh) // sh + 1, (W + 2 * pw - kw) // sw + 1
     if ph or pw:
-        _, grid = _pad_channels_first(x, ph, pw)
+        grid = _pad_channels_first(x, ph, pw)
     else:
         grid = x.transpose(1, 0, 2, 3)  # no padding: a view is enough (1x1 convs)
     # The reshape of the overlapping view is where the copy happens.
@@ -250,28 +247,42 @@ def col2im(cols, x_shape, kh, kw, stride, padding):
 # --------------------------------------------------------------------------
 # the padded-grid trick (stride 1)
 # --------------------------------------------------------------------------
+def _grid_pitch(H, W, kh, kw, ph, pw):
+    """Row length Wq, rows per image Hq, and leading zeros of the stride-1 grid."""
+    Hq = max(H + ph, H + 2 * ph - kh + 1)  # >= H + ph, and >= Ho so outputs fit
+    Wq = max(W + pw, W + 2 * pw - kw + 1)
+    return Hq, Wq, ph * Wq + pw
+
+
 def _grid_im2col(x, kh, kw, ph, pw):
-    """Stride-1 columns over the whole padded grid: (C*kh*kw, N*Hp*Wp).
+    """Stride-1 columns over the padded grid: (C*kh*kw, N*Hq*Wq).
 
-    Flatten the padded input channel by channel: flat[c, q] with
-    q = n*Hp*Wp + y*Wp + x. At stride 1 the pixel that kernel offset (i, j)
-    sees from output position q is flat[c, q + i*Wp + j]: a pure shift. So
-    row (c, i, j) of the column matrix is the contiguous slice
-    flat[c, s : s + N*Hp*Wp] with s = i*Wp + j, and the whole matrix is a
-    strided view of ``flat``.
+    Lay every channel out as one long line: image after image, row after
+    row, each row of W pixels followed by Wq - W >= pw zeros and each image
+    followed by Hq - H >= ph zero rows. The zeros after a row are both its
+    right padding and the next row's left padding (likewise for images), so
+    the whole padded batch is ``flat[c, q]`` with pixel (n, y, x) at
+    q = lead + n*Hq*Wq + y*Wq + x.
 
-    We compute an output for every q of the padded grid, including positions
-    whose window runs off the right or bottom edge (y >= Ho or x >= Wo); those
-    are garbage and get cropped. That costs (Hp*Wp) / (Ho*Wo) more GEMM work
-    (13% at 32x32, 56% at 8x8) and buys copies and adds of long contiguous rows.
+    At stride 1, output position q = n*Hq*Wq + y*Wq + x sees through kernel
+    offset (i, j) the entry flat[c, q + i*Wq + j]: a pure shift. So row
+    (c, i, j) of the column matrix is the contiguous slice
+    flat[c, s : s + N*Hq*Wq] with s = i*Wq + j, and the whole matrix is a
+    strided view of ``flat``; the copy that materializes it moves long
+    contiguous rows. We compute an output at every grid position q, also
+    where y >= Ho or x >= Wo (garbage, cropped afterwards): Hq*Wq / (Ho*Wo)
+    more GEMM work, 6% at 32x32, 27% at 8x8 (3x3 kernel, padding 1).
     """
     xp = get_array_module(x)
     N, C, H, W = x.shape
-    Wp = W + 2 * pw
-    P = N * (H + 2 * ph) * Wp
-    flat, _ = _pad_channels_first(x, ph, pw, extra=(kh - 1) * Wp + kw - 1)
+    Hq, Wq, lead = _grid_pitch(H, W, kh, kw, ph, pw)
+    P = N * Hq * Wq
+    # extra zeros at the end: the last shifted slice reads (kh-1)*Wq + kw-1 past P
+    flat = xp.zeros((C, lead + P + (kh - 1) * Wq + kw - 1), dtype=x.dtype)
+    grid = flat[:, lead:lead + P].reshape(C, N, Hq, Wq)
+    grid[:, :, :H, :W] = x.transpose(1, 0, 2, 3)  # pad + NCHW -> CNHW in one copy
     sc, sq = flat.strides
-    view = _as_strided(xp, flat, (C, kh, kw, P), (sc, Wp * sq, sq, sq))
+    view = _as_strided(xp, flat, (C, kh, kw, P), (sc, Wq * sq, sq, sq))
     return view.reshape(C * kh * kw, P)  # the copy
 
 
@@ -279,16 +290,16 @@ def _grid_col2im(cols, x_shape, kh, kw, ph, pw):
     """Adjoint of :func:`_grid_im2col`: kh*kw contiguous shifted adds -> dx (N, C, H, W) view."""
     xp = get_array_module(cols)
     N, C, H, W = x_shape
-    Hp, Wp = H + 2 * ph, W + 2 * pw
-    P = N * Hp * Wp
+    Hq, Wq, lead = _grid_pitch(H, W, kh, kw, ph, pw)
+    P = N * Hq * Wq
     cols = cols.reshape(C, kh, kw, P)
-    dflat = xp.zeros((C, P + (kh - 1) * Wp + kw - 1), dtype=cols.dtype)
+    dflat = xp.zeros((C, lead + P + (kh - 1) * Wq + kw - 1), dtype=cols.dtype)
     for i in range(kh):
         for j in range(kw):
-            shift = i * Wp + j
+            shift = i * Wq + j
             dflat[:, shift:shift + P] += cols[:, i, j]
-    dx_pad = dflat[:, :P].reshape(C, N, Hp, Wp)
-    return dx_pad[:, :, ph:ph + H, pw:pw + W].transpose(1, 0, 2, 3)
+    dx_grid = dflat[:, lead:lead + P].reshape(C, N, Hq, Wq)
+    return dx_grid[:, :, :H, :W].transpose(1, 0, 2, 3)  # drop the padding
 
 
 # --------------------------------------------------------------------------
@@ -307,8 +318,8 @@ def _forward_chunk(x, w_mat, kh, kw, stride, padding, out_hw):
     n, F = x.shape[0], w_mat.shape[0]
     (Ho, Wo), (ph, pw) = out_hw, padding
     if stride == (1, 1):
-        out_grid = (w_mat @ _grid_im2col(x, kh, kw, ph, pw)).reshape(
-            F, n, x.shape[2] + 2 * ph, x.shape[3] + 2 * pw)
+        Hq, Wq, _ = _grid_pitch(*x.shape[2:], kh, kw, ph, pw)
+        out_grid = (w_mat @ _grid_im2col(x, kh, kw, ph, pw)).reshape(F, n, Hq, Wq)
         out = out_grid[:, :, :Ho, :Wo]  # crop the garbage positions
     else:
         out = (w_mat @ im2col(x, kh, kw, stride, padding)).reshape(F, n, Ho, Wo)
@@ -324,10 +335,11 @@ def _backward_chunk(dout, x, w_mat, kh, kw, stride, padding):
         cols = _grid_im2col(x, kh, kw, ph, pw)  # rebuilt, see module docstring
         # dout on the padded grid: zero at the cropped (garbage) positions, so
         # they contribute nothing to dw or dx.
-        dout_grid = xp.zeros((F, n, x.shape[2] + 2 * ph, x.shape[3] + 2 * pw), dtype=dout.dtype)
+        Hq, Wq, _ = _grid_pitch(*x.shape[2:], kh, kw, ph, pw)
+        dout_grid = xp.zeros((F, n, Hq, Wq), dtype=dout.dtype)
         dout_grid[:, :, :Ho, :Wo] = dout.transpose(1, 0, 2, 3)
         dout_mat = dout_grid.reshape(F, -1)
-        dw_mat = (cols @ dout_mat.T).T  # = dout_mat @ cols.T, see below
+        dw_mat = (cols @ dout_mat.T).T  # = dout_mat @ cols.T, see the other branch
         dx = _grid_col2im(w_mat.T @ dout_mat, x.shape, kh, kw, ph, pw)
     else:
         cols = im2col(x, kh, kw, stride, padding)
@@ -345,7 +357,8 @@ def _cols_bytes_per_image(x_shape, w_shape, stride, padding, out_hw, itemsize):
     C, H, W = x_shape[1:]
     kh, kw = w_shape[2:]
     if stride == (1, 1):
-        positions = (H + 2 * padding[0]) * (W + 2 * padding[1])
+        Hq, Wq, _ = _grid_pitch(H, W, kh, kw, *padding)
+        positions = Hq * Wq
     else:
         positions = out_hw[0] * out_hw[1]
     return C * kh * kw * positions * itemsize
