@@ -1,0 +1,170 @@
+"""Keep the docs honest: every file, link and ``minires.x.y`` name they mention
+exists, every function a link names is defined in the linked file, and every
+code block marked as runnable (```python run / ```bash run) runs."""
+import ast
+import importlib
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from minires import backend
+
+ROOT = Path(__file__).resolve().parents[1]
+DOCS = ROOT / "docs"
+if not DOCS.is_dir():  # e.g. a student copy made without --with-docs
+    pytest.skip("no docs/ folder", allow_module_level=True)
+
+DOC_FILES = sorted(DOCS.rglob("*.md"))
+PAGES = [
+    "index.md", "gradient-checking.md", "gpu.md", "reproducing.md", "assignments.md",
+    "backward/conv2d.md", "backward/batchnorm.md", "backward/relu.md", "backward/linear.md",
+    "backward/pooling.md", "backward/softmax-cross-entropy.md", "backward/residual.md",
+]
+
+LINK = re.compile(r"(?<!!)\[([^\]]*)\]\(([^)\s]+)\)")
+CODE_BLOCK = re.compile(r"^```([^\n]*)\n(.*?)^```", re.S | re.M)
+# a repository path written out in the text (not part of a longer path such as ../../minires/...)
+REPO_PATH = re.compile(r"(?<![\w/.-])((?:minires|docs|tests|demos)/[\w./-]*\w)")
+DOTTED = re.compile(r"(?<![\w.])minires(?:\.[A-Za-z_]\w*)+")
+
+
+def rel(doc):
+    return doc.relative_to(DOCS).as_posix()
+
+
+def prose(doc):
+    """The page's text without its fenced code blocks' bodies (those are checked by running them)."""
+    return CODE_BLOCK.sub(lambda m: "```" + m.group(1) + "\n```", doc.read_text())
+
+
+def defined_names(path):
+    """Top-level functions/classes of a Python file, plus ``Class.method`` for their methods."""
+    names = set()
+    for node in ast.parse(path.read_text()).body:
+        if isinstance(node, (ast.FunctionDef, ast.ClassDef)):
+            names.add(node.name)
+        if isinstance(node, ast.ClassDef):
+            names.update(f"{node.name}.{item.name}" for item in node.body
+                         if isinstance(item, (ast.FunctionDef, ast.AsyncFunctionDef)))
+        if isinstance(node, ast.Assign):
+            names.update(t.id for t in node.targets if isinstance(t, ast.Name))
+    return names
+
+
+def names_in_link_text(text):
+    """`relu_forward` / `relu_backward` -> [relu_forward, relu_backward]; paths and file names are skipped."""
+    names = []
+    for span in re.findall(r"`([^`]+)`", text):
+        if "/" in span or span.endswith((".py", ".md")):
+            continue
+        match = re.match(r"[A-Za-z_][\w.]*", span)  # set_backend("cupy") -> set_backend
+        if match:
+            names.append(match.group(0))
+    return names
+
+
+def runnable_blocks():
+    for doc in DOC_FILES:
+        blocks = [(m.group(1).split(), m.group(2)) for m in CODE_BLOCK.finditer(doc.read_text())]
+        runnable = [(info[0], code) for info, code in blocks if len(info) == 2 and info[1] == "run"]
+        for i, (language, code) in enumerate(runnable):
+            yield pytest.param(language, code, id=f"{rel(doc)}#{i + 1}")
+
+
+def test_every_page_exists():
+    missing = [p for p in PAGES if not (DOCS / p).is_file()]
+    assert not missing, missing
+
+
+@pytest.mark.parametrize("doc", DOC_FILES, ids=rel)
+def test_links_resolve_and_name_real_functions(doc):
+    problems = []
+    for text, target in LINK.findall(prose(doc)):
+        if re.match(r"[a-z]+:", target) or target.startswith("#"):
+            continue  # web links and in-page anchors
+        path = (doc.parent / target.split("#")[0]).resolve()
+        if not path.exists():
+            problems.append(f"link [{text}]({target}): {path} does not exist")
+            continue
+        if path.suffix == ".py":
+            defined = defined_names(path)
+            problems += [f"link [{text}]({target}): {path.name} defines no {name}"
+                         for name in names_in_link_text(text) if name not in defined]
+    assert not problems, "\n".join(problems)
+
+
+@pytest.mark.parametrize("doc", DOC_FILES, ids=rel)
+def test_repository_paths_exist(doc):
+    missing = sorted({p for p in REPO_PATH.findall(prose(doc)) if not (ROOT / p).exists()})
+    assert not missing, missing
+
+
+def resolve(dotted):
+    """Import the longest module prefix of ``dotted`` and getattr the rest; raises if anything is missing."""
+    parts = dotted.split(".")
+    for cut in range(len(parts), 0, -1):
+        try:
+            obj = importlib.import_module(".".join(parts[:cut]))
+        except ModuleNotFoundError:
+            continue
+        for attr in parts[cut:]:
+            obj = getattr(obj, attr)
+        return obj
+    raise ModuleNotFoundError(dotted)
+
+
+@pytest.mark.parametrize("doc", DOC_FILES, ids=rel)
+def test_dotted_minires_names_exist(doc):
+    problems = []
+    for dotted in sorted(set(DOTTED.findall(doc.read_text()))):
+        try:
+            resolve(dotted)
+        except (ImportError, AttributeError) as err:
+            problems.append(f"{dotted}: {err}")
+    assert not problems, problems
+
+
+@pytest.mark.parametrize("doc", DOC_FILES, ids=rel)
+def test_display_math_is_balanced(doc):
+    assert prose(doc).count("$$") % 2 == 0, "an odd number of $$ delimiters"
+
+
+@pytest.mark.parametrize("page", [p for p in PAGES if p.startswith("backward/")])
+def test_each_derivation_links_to_its_code(page):
+    targets = [t for _, t in LINK.findall((DOCS / page).read_text())]
+    assert any("minires/" in t and t.endswith(".py") for t in targets)
+
+
+def test_docs_named_by_the_code_exist():
+    """Docstrings point to docs/...md pages (e.g. docs/backward/batchnorm.md): those must exist."""
+    missing = set()
+    for path in (ROOT / "minires").rglob("*.py"):
+        for name in re.findall(r"docs/[\w/.-]*\.md", path.read_text()):
+            if not (ROOT / name).is_file():
+                missing.add(f"{path.relative_to(ROOT)}: {name}")
+    assert not missing, sorted(missing)
+
+
+@pytest.mark.parametrize("language, code", list(runnable_blocks()))
+def test_runnable_block(language, code, monkeypatch):
+    monkeypatch.chdir(ROOT)
+    if language == "python":
+        previous = backend.backend_name()
+        try:
+            exec(compile(code, "<doc block>", "exec"), {"__name__": "__doc_block__"})
+        finally:
+            backend.set_backend(previous)
+            backend.manual_seed(0)
+    elif language == "bash":
+        # `python` in the block is this interpreter, with this checkout importable
+        env = {**os.environ, "PYTHONPATH": str(ROOT),
+               "PATH": os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", "")}
+        proc = subprocess.run(["bash", "-euo", "pipefail", "-c", code], cwd=ROOT, env=env,
+                              capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+    else:
+        pytest.fail(f"don't know how to run a {language!r} block")
