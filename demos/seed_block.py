@@ -59,10 +59,12 @@ def main():
     print(f"  largest |output difference|:         {numpy.abs(out - tout.detach().numpy()).max():.2e}")
     print(f"  largest |input-gradient difference|: {numpy.abs(dx - tx.grad.numpy()).max():.2e}")
     torch_grads = dict(twin.named_parameters())
-    worst = max(numpy.abs(g - torch_grads[n].grad.numpy()).max() / (numpy.abs(g).max() + 1e-12)
-                for n, g in block.named_grads().items())
-    print(f"  largest parameter-gradient difference (relative to its scale): {worst:.2e}")
-
+    # One scale for all parameters: the conv biases feed straight into a
+    # training-mode BN, so their true gradient is 0 and a per-array relative
+    # error would compare rounding noise with rounding noise.
+    scale = max(numpy.abs(g).max() for g in block.named_grads().values())
+    worst = max(numpy.abs(g - torch_grads[n].grad.numpy()).max() for n, g in block.named_grads().items())
+    print(f"  largest |parameter-gradient difference|: {worst:.2e} (largest gradient: {scale:.2e})")
 
 if __name__ == "__main__":
     main()
