@@ -4,7 +4,7 @@ import numpy
 from .. import backend
 from ..functional.batchnorm import batchnorm2d_backward, batchnorm2d_forward
 from . import init
-from .module import Module
+from .module import Module, check_sizes
 
 
 class BatchNorm2d(Module):
@@ -18,6 +18,7 @@ class BatchNorm2d(Module):
 
     def __init__(self, num_features, eps=1e-5, momentum=0.1):
         super().__init__()
+        check_sizes("BatchNorm2d", num_features=num_features)
         self.num_features, self.eps, self.momentum = num_features, eps, momentum
         self.add_param("weight", init.constant((num_features,), 1.0))
         self.add_param("bias", init.constant((num_features,), 0.0))
@@ -36,7 +37,9 @@ class BatchNorm2d(Module):
         return out
 
     def backward(self, dout):
-        dx, dgamma, dbeta = batchnorm2d_backward(dout, self.pop_cache())
+        cache = self.pop_cache()
+        self.check_dout(dout, cache[0].shape)  # cache[0] is x_hat, shaped like the output
+        dx, dgamma, dbeta = batchnorm2d_backward(dout, cache)
         self.grads["weight"] += dgamma
         self.grads["bias"] += dbeta
         return dx

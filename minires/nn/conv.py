@@ -3,7 +3,7 @@ import math
 
 from ..functional.conv import conv2d_backward, conv2d_forward
 from . import init
-from .module import Module
+from .module import Module, check_sizes
 
 
 def _pair(v):
@@ -20,6 +20,9 @@ class Conv2d(Module):
     def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=0, bias=True):
         super().__init__()
         self.in_channels, self.out_channels = in_channels, out_channels
+        check_sizes("Conv2d", in_channels=in_channels, out_channels=out_channels,
+                    kernel_size=kernel_size, stride=stride)
+        check_sizes("Conv2d", minimum=0, padding=padding)
         self.kernel_size, self.stride, self.padding = _pair(kernel_size), _pair(stride), _pair(padding)
         kh, kw = self.kernel_size
         self.add_param("weight", init.kaiming_normal((out_channels, in_channels, kh, kw), fan=out_channels * kh * kw))
@@ -29,6 +32,7 @@ class Conv2d(Module):
     def forward(self, x):
         w = self.params["weight"]
         self.check_input(x, (None, self.in_channels, None, None), w.dtype)
+        self.check_window(x, self.kernel_size, self.padding)
         out, self.cache = conv2d_forward(x, w, self.params.get("bias"), self.stride, self.padding)
         return out
 

@@ -3,7 +3,7 @@ import math
 
 from ..functional.linear import flatten_backward, flatten_forward, linear_backward, linear_forward
 from . import init
-from .module import Module
+from .module import Module, check_sizes
 
 
 class Linear(Module):
@@ -14,6 +14,7 @@ class Linear(Module):
 
     def __init__(self, in_features, out_features, bias=True):
         super().__init__()
+        check_sizes("Linear", in_features=in_features, out_features=out_features)
         self.in_features, self.out_features = in_features, out_features
         bound = 1 / math.sqrt(in_features)
         self.add_param("weight", init.uniform((out_features, in_features), bound))
@@ -27,7 +28,10 @@ class Linear(Module):
         return out
 
     def backward(self, dout):
-        dx, dw, db = linear_backward(dout, self.pop_cache())
+        cache = self.pop_cache()
+        x, w = cache[0], cache[1]
+        self.check_dout(dout, (x.shape[0], w.shape[0]))
+        dx, dw, db = linear_backward(dout, cache)
         self.grads["weight"] += dw
         if db is not None:
             self.grads["bias"] += db
@@ -41,8 +45,13 @@ class Flatten(Module):
     """(N, C, H, W) -> (N, C*H*W)."""
 
     def forward(self, x):
+        # (N, ...) of any rank >= 2; a bare (N,) has no features to flatten: a bug upstream
+        self.check_input(x, (None,) * max(getattr(x, "ndim", 0), 2))
         out, self.cache = flatten_forward(x)
         return out
 
     def backward(self, dout):
-        return flatten_backward(dout, self.pop_cache())
+        x_shape = self.pop_cache()
+        # a reshape would accept any dout of the right size, in the wrong order
+        self.check_dout(dout, (x_shape[0], math.prod(x_shape[1:])))
+        return flatten_backward(dout, x_shape)

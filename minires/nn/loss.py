@@ -14,6 +14,9 @@ class CrossEntropyLoss(Module):
         return self.forward(logits, labels)
 
     def forward(self, logits, labels):
+        self.check_input(logits, (None, None))
+        if not hasattr(labels, "dtype"):
+            raise TypeError(f"{self!r}: expected labels as an integer array, got {type(labels).__name__}")
         loss, self.cache = softmax_cross_entropy_forward(logits, labels)
         return float(loss)
 

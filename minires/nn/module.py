@@ -19,6 +19,25 @@ import numpy
 from .. import backend
 
 
+def check_sizes(owner, minimum=1, **sizes):
+    """Raise a ValueError unless every size is an int (or a tuple of ints) >= minimum.
+
+    Used by constructors, so ``Conv2d(3, 0, 3)`` fails at once with a clear
+    message instead of later with a ZeroDivisionError in the initializer.
+    """
+    for name, value in sizes.items():
+        values = value if isinstance(value, tuple) else (value,)
+        if not all(isinstance(v, (int, numpy.integer)) and not isinstance(v, bool) and v >= minimum
+                   for v in values):
+            what = "a pair of integers" if isinstance(value, tuple) else "an integer"
+            raise ValueError(f"{owner}: {name} must be {what} >= {minimum}, got {value!r}")
+
+
+def _few(names, limit=8):
+    """The first ``limit`` names, and how many more (a whole ResNet's keys would fill the screen)."""
+    return str(names) if len(names) <= limit else f"{names[:limit]} and {len(names) - limit} more"
+
+
 class Module:
     def __init__(self):
         self.params = {}
@@ -29,7 +48,26 @@ class Module:
 
     # -- forward / backward -------------------------------------------------
     def __call__(self, x):
-        return self.forward(x)
+        try:
+            return self.forward(x)
+        except (ValueError, TypeError) as err:
+            self._name_failing_layer(err)
+            raise
+
+    def _name_failing_layer(self, err):
+        """Prefix an error raised inside this module with the dotted name of the
+        layer that raised it (``"layer2.0.conv1: Conv2d(...): expected ..."``).
+
+        The innermost module records itself on the error; every enclosing module
+        rewrites the message with the longer name it knows, so the outermost one
+        (the model) leaves the full path. A direct call on a layer adds nothing.
+        """
+        if not hasattr(err, "minires_layer"):
+            err.minires_layer, err.minires_message = self, str(err)
+        for name, module in self.named_modules():
+            if module is err.minires_layer and name:
+                err.args = (f"{name}: {err.minires_message}",)
+                return
 
     def forward(self, x):
         raise NotImplementedError
@@ -65,10 +103,35 @@ class Module:
         if not fits:
             expected = "(" + ", ".join("*" if e is None else str(e) for e in shape) + ")"
             raise ValueError(f"{self!r}: expected input of shape {expected}, got {tuple(x.shape)}")
+        if x.dtype.kind != "f":
+            # integer images (uint8 pixels) must be scaled to floats first; an int
+            # array would otherwise overflow, truncate, or fail deep inside an op
+            raise ValueError(f"{self!r}: expected a floating-point input, got {x.dtype}; "
+                             "convert with x.astype('float32')")
         if dtype is not None and x.dtype != dtype:
             raise ValueError(
                 f"{self!r}: expected {dtype} input (the module's dtype), got {x.dtype}; "
                 f"convert with x.astype({str(dtype)!r}) or module.astype(...)"
+            )
+
+    def check_window(self, x, kernel, padding):
+        """Raise a ValueError naming this module if the padded input (H + 2 ph,
+        W + 2 pw) is smaller than the kernel: not even one window would fit."""
+        (kh, kw), (ph, pw) = kernel, padding
+        H, W = x.shape[-2:]
+        if H + 2 * ph < kh or W + 2 * pw < kw:
+            raise ValueError(
+                f"{self!r}: expected an input of at least {max(kh - 2 * ph, 1)}x{max(kw - 2 * pw, 1)} "
+                f"pixels (kernel {kh}x{kw}, padding {ph}x{pw}), got shape {tuple(x.shape)}"
+            )
+
+    def check_dout(self, dout, expected):
+        """Raise a ValueError naming this module unless ``dout`` has the shape of
+        the forward's output (broadcasting would otherwise give a wrong gradient)."""
+        if tuple(dout.shape) != tuple(expected):
+            raise ValueError(
+                f"{self!r}.backward: expected dout of shape {tuple(expected)} (the forward's "
+                f"output), got {tuple(dout.shape)}"
             )
 
     def add_param(self, name, value):
@@ -138,11 +201,17 @@ class Module:
         unexpected = sorted(set(state) - set(targets))
         if missing or unexpected:
             raise KeyError(
-                f"{type(self).__name__}.load_state_dict: missing keys {missing}, "
-                f"unexpected keys {unexpected}"
+                f"{type(self).__name__}.load_state_dict: missing keys {_few(missing)}, "
+                f"unexpected keys {_few(unexpected)} (a checkpoint of another model?)"
             )
         for name, target in targets.items():
-            shape = tuple(numpy.shape(state[name]))
+            value = state[name]
+            dtype = value.dtype if hasattr(value, "dtype") else numpy.asarray(value).dtype
+            if dtype.kind not in "biuf":  # e.g. strings: checked now, or half the model loads
+                raise ValueError(
+                    f"{type(self).__name__}.load_state_dict: {name!r} holds {dtype} values, expected numbers"
+                )
+            shape = tuple(numpy.shape(value))
             if shape != tuple(target.shape):
                 raise ValueError(
                     f"{type(self).__name__}.load_state_dict: {name!r} has shape {shape}, "

@@ -1,6 +1,7 @@
 """Pooling modules: wrap minires.functional.pooling (math in docs/backward/pooling.md)."""
 from ..functional import pooling as F
-from .module import Module
+from .conv import _pair
+from .module import Module, check_sizes
 
 
 class _Pool2d(Module):
@@ -12,9 +13,13 @@ class _Pool2d(Module):
         self.kernel_size = kernel_size
         self.stride = kernel_size if stride is None else stride
         self.padding = padding
+        name = type(self).__name__
+        check_sizes(name, kernel_size=self.kernel_size, stride=self.stride)
+        check_sizes(name, minimum=0, padding=self.padding)
 
     def forward(self, x):
         self.check_input(x, (None, None, None, None))
+        self.check_window(x, _pair(self.kernel_size), _pair(self.padding))
         out, self.cache = self.forward_fn(x, self.kernel_size, self.stride, self.padding)
         return out
 
