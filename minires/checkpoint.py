@@ -5,18 +5,19 @@ loads it and no code in the file can ever run):
 
     model/<name>      the model's state dict (torchvision key names)
     optim/<key>       the optimizer's flat state dict
-    __meta__          a JSON string: format version, model config, epoch,
-                      schedule / RNG state, history, ...
+    __meta__          a JSON string: format version, the list of entries,
+                      model config, epoch, schedule / RNG state, history, ...
 
 Writes go to a temporary file in the same directory which is then renamed
 over the target (``os.replace`` is atomic), so a crash mid-write leaves the
 previous checkpoint intact. Zip members carry CRC-32 checksums, so a
-corrupted file is detected when it is read.
+corrupted file is detected when it is read; the zip directory has no
+checksum, so the (checksummed) metadata lists every entry, and an entry lost
+to a damaged directory is detected too.
 """
 import json
 import os
 import tempfile
-import zipfile
 
 import numpy
 
@@ -32,7 +33,7 @@ def save_checkpoint(path, model_state, optim_state=None, meta=None):
     arrays = {f"model/{k}": numpy.asarray(v) for k, v in model_state.items()}
     for k, v in (optim_state or {}).items():
         arrays[f"optim/{k}"] = numpy.asarray(v)
-    meta = {"format_version": FORMAT_VERSION, **(meta or {})}
+    meta = {"format_version": FORMAT_VERSION, "entries": sorted(arrays), **(meta or {})}
     arrays["__meta__"] = numpy.array(json.dumps(meta))
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
@@ -58,21 +59,38 @@ def load_checkpoint(path):
     if not os.path.exists(path):
         raise CheckpointError(f"checkpoint {path!r} does not exist")
     try:
-        with numpy.load(path, allow_pickle=False) as archive:
-            arrays = {k: archive[k] for k in archive.files}
-    except (zipfile.BadZipFile, ValueError, OSError, EOFError, KeyError) as err:
+        archive = numpy.load(path, allow_pickle=False)
+        if isinstance(archive, numpy.lib.npyio.NpzFile):
+            with archive:
+                arrays = {k: archive[k] for k in archive.files}
+                if len(arrays) != len(archive.files):  # a damaged name that duplicates another
+                    raise ValueError(f"duplicate entries in {sorted(archive.files)}")
+    # Damaged bytes surface as many exception types (zipfile.BadZipFile, a CRC
+    # mismatch, zlib.error, EOFError, ValueError from an npy header, even
+    # NotImplementedError or RuntimeError for a flipped flag or compression
+    # field), and nothing else runs in this block: each one means a bad file.
+    except Exception as err:
         raise CheckpointError(f"checkpoint {path!r} is truncated or corrupted ({err})") from err
+    if not isinstance(archive, numpy.lib.npyio.NpzFile):  # numpy.load read one .npy array
+        raise CheckpointError(f"checkpoint {path!r} is a single .npy array, not a minires .npz checkpoint")
     if "__meta__" not in arrays:
         raise CheckpointError(f"checkpoint {path!r} has no __meta__ entry: not a minires checkpoint")
     try:
         meta = json.loads(str(arrays.pop("__meta__")))
     except json.JSONDecodeError as err:
         raise CheckpointError(f"checkpoint {path!r} has unreadable metadata ({err})") from err
+    if not isinstance(meta, dict):
+        raise CheckpointError(f"checkpoint {path!r} has metadata {meta!r}, expected a JSON object")
     version = meta.get("format_version")
     if version != FORMAT_VERSION:
         raise CheckpointError(
             f"checkpoint {path!r} has format version {version!r}; this minires reads version {FORMAT_VERSION}"
         )
+    entries = meta.get("entries", sorted(arrays))  # (absent in files written before it existed)
+    if sorted(arrays) != entries:
+        lost, extra = sorted(set(entries) - set(arrays)), sorted(set(arrays) - set(entries))
+        raise CheckpointError(f"checkpoint {path!r} is truncated or corrupted (entries missing: {lost}, "
+                              f"unexpected: {extra})")
     model_state = {k[len("model/"):]: v for k, v in arrays.items() if k.startswith("model/")}
     optim_state = {k[len("optim/"):]: v for k, v in arrays.items() if k.startswith("optim/")}
     return model_state, optim_state, meta
