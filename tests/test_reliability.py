@@ -114,6 +114,8 @@ def test_cross_entropy_rejects_bad_input():
     (lambda: nn.MaxPool2d(2, stride=0), r"^MaxPool2d: stride must be an integer >= 1, got 0"),
     (lambda: nn.AvgPool2d(0), r"^AvgPool2d: kernel_size must be an integer >= 1, got 0"),
     (lambda: nn.AvgPool2d(2, padding=-1), r"^AvgPool2d: padding must be an integer >= 0, got -1"),
+    (lambda: nn.MaxPool2d(2, padding=2), r"^MaxPool2d: padding 2 must be at most half the kernel size 2"),
+    (lambda: nn.MaxPool2d((3, 2), padding=(1, 2)), r"padding \(1, 2\) must be at most half the kernel size \(3, 2\)"),
 ])
 def test_constructor_arguments_are_checked(make, message):
     # Before: ZeroDivisionError from the initializer, or a BatchNorm2d(0) that "worked".

@@ -16,6 +16,9 @@ class _Pool2d(Module):
         name = type(self).__name__
         check_sizes(name, kernel_size=self.kernel_size, stride=self.stride)
         check_sizes(name, minimum=0, padding=self.padding)
+        if any(p > k // 2 for p, k in zip(_pair(self.padding), _pair(self.kernel_size))):
+            # PyTorch's rule too: otherwise a window could hold only padding
+            raise ValueError(f"{name}: padding {padding!r} must be at most half the kernel size {kernel_size!r}")
 
     def forward(self, x):
         self.check_input(x, (None, None, None, None))
