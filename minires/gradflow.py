@@ -233,16 +233,19 @@ def load_batch(batch_size, seed=0, data_dir=None, dataset="fashion-mnist", synth
 def first_last_ratio(model, grad_norms):
     """||dL/dW|| of the first conv divided by that of the last conv (``grad_norms``
     as recorded, one per :func:`weight_layers` entry; the fc layer is left out).
-    > 1: the gradient grows toward the input; < 1: it fades."""
+    > 1: the gradient grows toward the input; < 1: it fades. None when the last
+    conv's gradient is exactly 0 (``zero_init_residual``: its BN gamma is 0)."""
     convs = [g for (_, m), g in zip(weight_layers(model), grad_norms) if isinstance(m, nn.Conv2d)]
-    return convs[0] / convs[-1]
+    return convs[0] / convs[-1] if convs[-1] > 0 else None
 
 
 def build_pair(depth, in_channels=1, num_classes=10, seed=0, batchnorm=True, zero_init_residual=False,
-               dtype=numpy.float32, widths=(16, 32, 64)):
-    """plain-``depth`` and ResNet-``depth`` (CIFAR family, depth 6n+2, option A) with the *same*
+               dtype=numpy.float32, widths=(16, 32, 64), shortcut="A"):
+    """plain-``depth`` and ResNet-``depth`` (CIFAR family, depth 6n+2) with the *same*
     weights: the residual net loads the plain net's state dict, so the shortcuts
-    are the only difference. ``batchnorm=False``: see :func:`remove_batchnorm`. ``zero_init_residual`` zeroes the last BN gamma of
+    are the only difference (with ``shortcut="B"`` the projection convs, which
+    the plain net lacks, keep their own initialization). ``batchnorm=False``:
+    see :func:`remove_batchnorm`. ``zero_init_residual`` zeroes the last BN gamma of
     each residual branch (the plain net keeps its gamma: zeroing it would cut
     the plain network in two)."""
     from .models import CifarResNet
@@ -253,11 +256,13 @@ def build_pair(depth, in_channels=1, num_classes=10, seed=0, batchnorm=True, zer
     backend.manual_seed(seed)
     n = (depth - 2) // 6
     plain = CifarResNet(n, num_classes, in_channels, plain=True, widths=widths).astype(dtype)
-    resnet = CifarResNet(n, num_classes, in_channels, shortcut="A", widths=widths).astype(dtype)
+    resnet = CifarResNet(n, num_classes, in_channels, shortcut=shortcut, widths=widths).astype(dtype)
     if not batchnorm:
         remove_batchnorm(plain)
         remove_batchnorm(resnet)
-    resnet.load_state_dict(plain.state_dict())  # same weights: the shortcuts are the only difference
+    state = resnet.state_dict()
+    state.update(plain.state_dict())  # same weights: the shortcuts are the only difference
+    resnet.load_state_dict(state)
     if zero_init_residual:
         for block in resnet.blocks():
             block.last_bn().params["weight"].fill(0)
@@ -281,7 +286,7 @@ def measure(model, x, y):
 
 
 def gradflow_at_init(depths=(20, 56, 110), batch=128, seed=0, batchnorm=True, zero_init_residual=False,
-                     data_dir=None, synthetic=False, dataset="fashion-mnist", log=print):
+                     data_dir=None, synthetic=False, dataset="fashion-mnist", shortcut="A", log=print):
     """Plain-N and ResNet-N for each depth, one batch, one backward each.
 
     Returns ``{"models": {"plain20": {...}, "resnet20": {...}, ...}, "config": {...}}``
@@ -298,18 +303,21 @@ def gradflow_at_init(depths=(20, 56, 110), batch=128, seed=0, batchnorm=True, ze
     log(f"batch: {source}")
     models = {}
     for depth in depths:
-        plain, resnet = build_pair(depth, info.channels, info.num_classes, seed, batchnorm, zero_init_residual)
+        plain, resnet = build_pair(depth, info.channels, info.num_classes, seed, batchnorm, zero_init_residual,
+                                   shortcut=shortcut)
         for name, model in ((f"plain{depth}", plain), (f"resnet{depth}", resnet)):
             start = time.perf_counter()
             models[name] = measure(model, x, y)
             r = models[name]
-            log(f"{name:>10}: loss {r['loss']:.4f}, ||dW|| first conv {r['grad_norms'][0]:.3e}, "
-                f"first/last conv ratio {r['first_last_conv_ratio']:.3g} "
+            ratio = r["first_last_conv_ratio"]
+            log(f"{name:>10}: loss {r['loss']:.4g}, ||dW|| first conv {r['grad_norms'][0]:.3e}, "
+                f"first/last conv ratio {'n/a (last is 0)' if ratio is None else f'{ratio:.3g}'} "
                 f"({time.perf_counter() - start:.1f} s)")
     config = {"depths": list(depths), "batch": batch, "seed": seed, "batchnorm": batchnorm,
               "zero_init_residual": zero_init_residual, "dataset": dataset, "data": source,
               "synthetic": source.startswith("SYNTHETIC"), "mode": "train (BN uses batch statistics)",
-              "init": "He normal (fan_out) convs, PyTorch-default Linear; option A shortcuts; "
+              "shortcut": shortcut,
+              "init": "He normal (fan_out) convs, PyTorch-default Linear; "
                       "plain and residual nets share their weights",
               "conv_bias": not batchnorm, "dtype": "float32", "backend": backend.backend_name(),
               "ratio": "||dL/dW|| of the first conv / ||dL/dW|| of the last conv"}
@@ -340,6 +348,9 @@ def add_parser(sub):
                    help="remove every BatchNorm (replaced by identities; convs get PyTorch's default bias back)")
     p.add_argument("--zero-init-residual", action="store_true",
                    help="zero the last BN gamma of each residual branch (every block starts as identity)")
+    p.add_argument("--shortcut", default="A", choices=["A", "B"],
+                   help="where a stage changes shape: A = zero-padded identity (the paper's CIFAR choice, "
+                        "default), B = 1x1 conv + BN projection")
     p.add_argument("--data-dir", help="folder holding the Fashion-MNIST files (searched first)")
     p.add_argument("--synthetic", action="store_true", help="use a random batch instead of real images")
     p.add_argument("--backend", default="numpy", choices=["numpy", "cupy"])
@@ -353,7 +364,7 @@ def run(args):
         raise ValueError(f"--batch must be >= 2 (BatchNorm needs a batch), got {args.batch}")
     backend.set_backend(args.backend)
     data = gradflow_at_init(args.depths, args.batch, args.seed, args.batchnorm, args.zero_init_residual,
-                            args.data_dir, args.synthetic)
+                            args.data_dir, args.synthetic, shortcut=args.shortcut)
     os.makedirs(args.out, exist_ok=True)
     json_path = os.path.join(args.out, "gradflow.json")
     with open(json_path, "w") as f:

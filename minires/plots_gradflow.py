@@ -33,6 +33,8 @@ def _pretty(name):
 
 def _condition(config):
     parts = ["with BatchNorm (train mode)" if config.get("batchnorm", True) else "without BatchNorm"]
+    if config.get("shortcut", "A") != "A":
+        parts.append(f"option-{config['shortcut']} shortcuts")
     if config.get("zero_init_residual"):
         parts.append("zero-init residual")
     return ", ".join(parts)
@@ -51,8 +53,14 @@ def plot_gradflow(data, path):
             r = models[name]
             ratio = r["first_last_conv_ratio"]
             size = 3 if depth <= 56 else 2
-            ax_w.plot(range(1, len(r["grad_norms"]) + 1), r["grad_norms"], marker=marker, ms=size, lw=1.2,
-                      color=color, label=f"{_pretty(name)}  (first/last conv = {ratio:.3g})")
+            # A log axis cannot show 0: layers whose gradient is exactly 0 are left out and counted.
+            shown = [(i, g) for i, g in enumerate(r["grad_norms"], 1) if g > 0]
+            label = f"{_pretty(name)}  (first/last conv = {'n/a' if ratio is None else f'{ratio:.3g}'})"
+            style, top_size = "-", size
+            if len(shown) < len(r["grad_norms"]):
+                label += f"\n{len(r['grad_norms']) - len(shown)} layers with \u2016dL/dW\u2016 = 0 not drawn"
+                style, top_size = "none", 5  # no line across the missing layers
+            ax_w.plot(*zip(*shown), marker=marker, ms=top_size, ls=style, lw=1.2, color=color, label=label)
             ax_x.plot(range(1, len(r["input_grad_norms"]) + 1), r["input_grad_norms"], marker=marker, ms=size,
                       lw=1.2, color=color, label=_pretty(name))
         ax_w.set_title(f"depth {depth}")
@@ -76,7 +84,7 @@ def plot_gradflow(data, path):
 
 
 def plot_gradflow_heatmap(runs, path, title=None):
-    """Per-layer ||dL/dW|| over training iterations, one panel per network.
+    """Per-layer ||dL/dW|| over training iterations (log scale), one panel per network.
 
     ``runs``: ``{name: {"layers": [...], "iterations": [...], "grad_norms": [[...], ...]}}``
     with one row of ``grad_norms`` per recorded iteration (input to output
@@ -86,15 +94,20 @@ def plot_gradflow_heatmap(runs, path, title=None):
     values = [numpy.asarray(runs[n]["grad_norms"], dtype=float) for n in names]
     positive = numpy.concatenate([v[(v > 0) & numpy.isfinite(v)] for v in values])
     norm = LogNorm(vmin=max(positive.min(), positive.max() * 1e-8), vmax=positive.max())
-    fig, axes = plt.subplots(1, len(names), figsize=(5.6 * len(names), 4.8), squeeze=False)
+    fig, axes = plt.subplots(1, len(names), figsize=(5.6 * len(names), 5.0), squeeze=False,
+                             constrained_layout=True)  # leaves room for the title and the colorbar
     image = None
     for ax, name, v in zip(axes[0], names, values):
-        iters = runs[name]["iterations"]
-        extent = (iters[0] - 0.5, iters[-1] + 0.5, 0.5, v.shape[1] + 0.5)
-        image = ax.imshow(numpy.clip(v.T, norm.vmin, None), origin="lower", aspect="auto", norm=norm,
-                          extent=extent, cmap="viridis", interpolation="nearest")
+        iters = numpy.asarray(runs[name]["iterations"], dtype=float)
+        # Log-scaled iterations: the first steps, where plain nets go wrong, get room.
+        # Cell edges sit halfway (geometrically) between recorded iterations.
+        mids = numpy.sqrt(iters[1:] * iters[:-1])
+        x_edges = numpy.concatenate([[iters[0] / 1.5], mids, [iters[-1] * 1.1]])
+        y_edges = numpy.arange(v.shape[1] + 1) + 0.5
+        image = ax.pcolormesh(x_edges, y_edges, numpy.clip(v.T, norm.vmin, None), norm=norm, cmap="viridis")
+        ax.set_xscale("log")
         ax.set_title(_pretty(name))
-        ax.set_xlabel("training iteration")
+        ax.set_xlabel("training iteration (log scale)")
         ax.set_ylabel("weight layer (1 = first conv, top = fc)")
     cbar = fig.colorbar(image, ax=axes[0].tolist(), shrink=0.9)
     cbar.set_label("\u2016dL/dW\u2016 (log scale)")
@@ -131,11 +144,11 @@ def plot_degradation(data, path):
         handles, labels = ax.get_legend_handles_labels()
         handles += [Line2D([], [], color="gray", lw=0.9), Line2D([], [], color="gray", lw=2.6)]
         labels += ["thin: training error", "bold: test error"]
-        ax.legend(handles, labels, fontsize=8, loc="upper right")
+        ax.legend(handles, labels, fontsize=8, loc="center right")
     ax_plain.set_ylabel("error (%)")
     ax_plain.set_ylim(0, min(100, 10 * math.ceil(10 * highest + 0.5)))
-    fig.suptitle(f"Degradation on {config['dataset']} ({config['preset']} preset: {config['description']})",
-                 fontsize=10)
+    fig.suptitle(f"Degradation on {config['dataset']}: same recipe, same initial seed, same data order\n"
+                 f"({config['preset']} preset: {config['description']})", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -66,8 +66,9 @@ def test_remove_batchnorm_replaces_every_bn_and_adds_conv_biases(rng):
     assert out.shape == (2, 10)
 
 
-def test_build_pair_shares_weights():
-    plain, resnet = build_pair(8, widths=SMALL, batchnorm=False)
+@pytest.mark.parametrize("shortcut", ["A", "B"])
+def test_build_pair_shares_weights(shortcut):
+    plain, resnet = build_pair(8, widths=SMALL, batchnorm=False, shortcut=shortcut)
     theirs = resnet.state_dict()
     for name, value in plain.state_dict().items():
         assert numpy.array_equal(value, theirs[name]), name
@@ -75,7 +76,7 @@ def test_build_pair_shares_weights():
         build_pair(8, widths=SMALL, batchnorm=False, zero_init_residual=True)
 
 
-def _torch_twin(model, plain, batchnorm):
+def _torch_twin(model, plain, batchnorm, shortcut="A"):
     """The PyTorch model of tests/torch_models.py with ``model``'s weights."""
     torch = pytest.importorskip("torch")
     import torch_models as T
@@ -83,7 +84,7 @@ def _torch_twin(model, plain, batchnorm):
     from minires.interop import state_dict_to_torch
 
     n = len(model.layer1)
-    twin = T.CifarResNet(n, 10, 1, "A", plain, widths=SMALL).double()
+    twin = T.CifarResNet(n, 10, 1, shortcut, plain, widths=SMALL).double()
     if not batchnorm:  # as remove_batchnorm: BN -> identity, convs get a bias
         for _, parent in list(twin.named_modules()):
             for child_name, child in list(parent.named_children()):
@@ -97,13 +98,14 @@ def _torch_twin(model, plain, batchnorm):
     return twin
 
 
-@pytest.mark.parametrize("batchnorm", [True, False])
-@pytest.mark.parametrize("plain", [False, True])
-def test_norms_match_pytorch_for_the_same_weights(plain, batchnorm, rng):
+@pytest.mark.parametrize("plain, batchnorm, shortcut", [
+    (True, True, "A"), (False, True, "A"), (True, False, "A"), (False, False, "A"), (False, True, "B")])
+def test_norms_match_pytorch_for_the_same_weights(plain, batchnorm, shortcut, rng):
     torch = pytest.importorskip("torch")
-    pair = build_pair(14, in_channels=1, seed=3, batchnorm=batchnorm, dtype=numpy.float64, widths=SMALL)
+    pair = build_pair(14, in_channels=1, seed=3, batchnorm=batchnorm, dtype=numpy.float64, widths=SMALL,
+                      shortcut=shortcut)
     model = pair[0] if plain else pair[1]
-    twin = _torch_twin(model, plain, batchnorm)
+    twin = _torch_twin(model, plain, batchnorm, shortcut)
     x = rng.standard_normal((5, 1, 12, 12))
     y = rng.integers(0, 10, size=5)
 
@@ -133,7 +135,7 @@ def test_norms_match_pytorch_for_the_same_weights(plain, batchnorm, rng):
 
     numpy.testing.assert_allclose(rec.grad_norms, theirs, rtol=1e-6)
     numpy.testing.assert_allclose(rec.input_grad_norms, theirs_x, rtol=1e-6)
-    assert len(rec.layers) == 14 and len(rec.blocks) == 6
+    assert len(rec.layers) == 14 + 2 * (shortcut == "B" and not plain) and len(rec.blocks) == 6
 
 
 def test_gradflow_command_writes_the_documented_json(tmp_path, capsys):
@@ -165,3 +167,45 @@ def test_gradflow_command_rejects_bad_arguments(argv, message, tmp_path, capsys)
         main(["gradflow", "--out", str(tmp_path), "--synthetic", "--depths", "8", *argv])
     assert exit_info.value.code == 2
     assert message in capsys.readouterr().err
+
+
+def _have_fashion_mnist():
+    from minires.data import locate
+    try:
+        locate("fashion-mnist", download=False)
+    except (FileNotFoundError, OSError):
+        return False
+    return True
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not _have_fashion_mnist(), reason="Fashion-MNIST is not installed")
+def test_degradation_command_tiny_run(tmp_path, capsys):
+    out = tmp_path / "deg"
+    assert main(["degradation", "--quick", "--out", str(out), "--iterations", "4", "--batch", "8",
+                 "--subset", "64", "--eval-size", "40", "--eval-every", "2", "--record-every", "3"]) == 0
+    data = json.loads((out / "degradation.json").read_text())
+    assert set(data["curves"]) == {"plain20", "plain56", "resnet20", "resnet56"}
+    for curve in data["curves"].values():
+        assert curve["iterations"] == [2, 4]
+        assert all(0 <= e <= 1 for e in curve["train_error"] + curve["test_error"])
+    assert data["config"]["image_size"] == 14 and data["config"]["iterations"] == 4
+    heat = json.loads((out / "gradflow_training.json").read_text())
+    assert set(heat["models"]) == {"plain56", "resnet56"}
+    for run in heat["models"].values():
+        assert run["iterations"] == [1, 3]  # the first iteration, then every 3rd
+        assert len(run["layers"]) == 56 and all(len(row) == 56 for row in run["grad_norms"])
+    for png in ("degradation.png", "gradflow_training.png"):
+        assert (out / png).stat().st_size > 10_000
+
+
+def test_degradation_presets_and_bad_values():
+    from minires.degradation import make_config
+
+    quick = make_config("quick")
+    assert quick.iterations * quick.batch == quick.subset  # one pass over the subset
+    assert make_config("full", iterations=10).iterations == 10
+    with pytest.raises(ValueError, match="preset"):
+        make_config("medium")
+    with pytest.raises(ValueError, match="batch"):
+        make_config("quick", batch=0)

@@ -1,0 +1,290 @@
+"""The degradation experiment (He et al. 2016, Fig. 1 and Fig. 6), on Fashion-MNIST.
+
+Train plain-20, plain-56, ResNet-20 and ResNet-56 with the same recipe, the
+same initial seed and the same data order, and follow their training error
+and test error over the iterations. He et al. found that the deeper *plain*
+network has the higher *training* error -- not overfitting, an optimization
+problem -- while the deeper ResNet does at least as well as the shallower one.
+
+While plain-56 and ResNet-56 train, :func:`minires.gradflow.record_gradients`
+notes every weight layer's gradient norm, for the heatmap of gradient flow
+during training.
+
+``python -m minires degradation --quick --out DIR`` (2-core CPU, minutes) or
+``--full`` (a GPU: ``--backend cupy``) writes into DIR:
+
+* ``degradation.json`` -- config and, per network, iterations, train error,
+  test error, seconds;  ``degradation.png`` -- Fig. 6 style curves;
+* ``gradflow_training.json`` / ``gradflow_training.png`` -- per-layer gradient
+  norms over iterations, plain-56 vs ResNet-56.
+
+Training error at a point is the error on the training mini-batches since the
+previous point (in train mode, as the paper's thin curves); test error is
+measured in eval mode (BN running statistics) on a fixed test set.
+"""
+import json
+import os
+import time
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass
+
+import numpy
+
+from . import backend
+from .gradflow import record_gradients
+
+NETWORKS = ("plain20", "plain56", "resnet20", "resnet56")
+HEATMAP_NETWORKS = ("plain56", "resnet56")
+
+
+@dataclass
+class DegradationConfig:
+    """One recipe for all four networks (He et al. 2016, sec. 4.2, scaled down).
+
+    SGD with momentum 0.9 and weight decay 1e-4, lr 0.1 divided by 10 at 1/2
+    and 3/4 of the run (the paper's 32k/48k of 64k iterations), no augmentation.
+    """
+    preset: str = "quick"
+    iterations: int = 400        # optimizer steps per network
+    batch: int = 64
+    subset: int = None           # training images (None: all 60,000)
+    image_size: int = 28         # 28, or 14 (2x2 average pooling: 4x less compute)
+    eval_every: int = 40         # iterations between measurement points
+    eval_size: int = 1000        # test images (a fixed stratified subset)
+    record_every: int = 4        # iterations between heatmap rows (iteration 1 is always kept)
+    lr: float = 0.1
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    seed: int = 0
+    dataset: str = "fashion-mnist"
+    backend: str = "numpy"
+    data_dir: str = None
+
+    @property
+    def description(self):
+        n = "60k" if self.subset is None else f"{self.subset}"
+        size = "" if self.image_size == 28 else f", images downsampled to {self.image_size}x{self.image_size}"
+        return (f"{self.iterations} iterations of batch {self.batch} on {n} training images{size}, "
+                f"test error on {self.eval_size} test images")
+
+
+PRESETS = {
+    # Sized so that all four networks train, evaluate and record in well under
+    # 15 minutes on a 2-core CPU (measured numbers in docs/gradient-flow.md).
+    # 400 iterations of 64 = one pass over a 25,600-image stratified subset;
+    # images pooled to 14x14, which cuts the compute 4x (the networks are unchanged).
+    "quick": dict(iterations=400, batch=64, subset=25600, image_size=14, eval_every=40, eval_size=1000,
+                  record_every=4),
+    # For a GPU (--backend cupy): ~43 epochs of the full training set at 28x28.
+    "full": dict(iterations=20000, batch=128, subset=None, image_size=28, eval_every=500, eval_size=10000,
+                 record_every=50),
+}
+
+
+def make_config(preset, **overrides):
+    """A :class:`DegradationConfig` from a preset name plus explicit overrides
+    (``None`` values are ignored, so CLI defaults fall through to the preset)."""
+    if preset not in PRESETS:
+        raise ValueError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
+    values = dict(PRESETS[preset], preset=preset)
+    values.update({k: v for k, v in overrides.items() if v is not None})
+    config = DegradationConfig(**values)
+    for name in ("iterations", "batch", "eval_every", "eval_size", "record_every"):
+        if getattr(config, name) < 1:
+            raise ValueError(f"{name} must be >= 1, got {getattr(config, name)}")
+    if config.image_size not in (14, 28):
+        raise ValueError(f"image_size must be 28 or 14, got {config.image_size}")
+    if config.iterations < 4:
+        raise ValueError(f"iterations must be >= 4 (the lr drops at 1/2 and 3/4), got {config.iterations}")
+    return config
+
+
+def downsample2x(images):
+    """uint8 (N, C, 28, 28) -> uint8 (N, C, 14, 14): mean of each 2x2 patch."""
+    n, c, h, w = images.shape
+    pooled = images.reshape(n, c, h // 2, 2, w // 2, 2).astype(numpy.float32).mean(axis=(3, 5))
+    return numpy.round(pooled).astype(numpy.uint8)
+
+
+def load_data(config):
+    """(train images, train labels, test images, test labels), host uint8 arrays."""
+    from .data import load_dataset, subset
+
+    if config.data_dir is not None and not os.path.isdir(config.data_dir):
+        raise FileNotFoundError(f"data directory {config.data_dir!r} does not exist")
+    x_train, y_train, x_test, y_test = load_dataset(config.dataset, config.data_dir, progress=False)
+    if config.subset is not None:
+        x_train, y_train = subset(x_train, y_train, min(config.subset, len(y_train)), seed=config.seed)
+    if config.eval_size < len(y_test):
+        x_test, y_test = subset(x_test, y_test, config.eval_size, seed=config.seed)
+    if config.image_size == 14:
+        x_train, x_test = downsample2x(x_train), downsample2x(x_test)
+    return x_train, y_train, x_test, y_test
+
+
+def train_network(name, config, data, log=print):
+    """Train one network; returns its curve dict (and heatmap rows if recorded).
+
+    The model, its initial weights (seeded) and the data order (seeded) are
+    the same for every call with the same config: only ``name`` differs.
+    """
+    from .data import DATASETS, DataLoader
+    from .models import build_model
+    from .nn import CrossEntropyLoss
+    from .optim import SGD, he2016_cifar
+    from .train import evaluate
+
+    info = DATASETS[config.dataset]
+    x_train, y_train, x_test, y_test = data
+    backend.manual_seed(config.seed)
+    model = build_model(name, num_classes=info.num_classes, in_channels=info.channels)
+    loss_fn = CrossEntropyLoss()
+    opt = SGD(model, config.lr, config.momentum, config.weight_decay)
+    schedule = he2016_cifar(opt, total_iterations=config.iterations)
+    train_loader = DataLoader(x_train, y_train, config.batch, shuffle=True, seed=config.seed, drop_last=True,
+                              mean=info.mean, std=info.std)
+    test_loader = DataLoader(x_test, y_test, 500, mean=info.mean, std=info.std)
+    if len(train_loader) == 0:
+        raise ValueError(f"batch {config.batch} is larger than the {len(y_train)} training images")
+
+    curve = {"iterations": [], "train_error": [], "test_error": [], "train_loss": [], "lr": [], "seconds": []}
+    heat = {"iterations": [], "grad_norms": []}
+    wrong, seen, loss_sum, iteration = 0, 0, 0.0, 0
+    start = time.perf_counter()
+    recording = record_gradients(model) if name in HEATMAP_NETWORKS else nullcontext()
+    with recording as rec:
+        while iteration < config.iterations:
+            for x, y in train_loader:
+                logits = model(x)
+                loss = loss_fn(logits, y)
+                model.zero_grad()
+                model.backward(loss_fn.backward())
+                lr = opt.lr
+                opt.step()
+                schedule.step()
+                iteration += 1
+                wrong += int((logits.argmax(axis=1) != y).sum())
+                seen += len(y)
+                loss_sum += loss * len(y)
+                if rec is not None and (iteration == 1 or iteration % config.record_every == 0):
+                    heat["iterations"].append(iteration)
+                    heat["grad_norms"].append(rec.grad_norms)
+                    heat["layers"] = rec.layers
+                if iteration % config.eval_every == 0 or iteration == config.iterations:
+                    _, test_acc = evaluate(model, test_loader, loss_fn)
+                    curve["iterations"].append(iteration)
+                    curve["train_error"].append(wrong / seen)
+                    curve["train_loss"].append(loss_sum / seen)
+                    curve["test_error"].append(1 - test_acc)
+                    curve["lr"].append(lr)
+                    curve["seconds"].append(time.perf_counter() - start)
+                    log(f"{name:>9} it {iteration:>6}: train error {100 * wrong / seen:5.1f}%  "
+                        f"test error {100 * (1 - test_acc):5.1f}%  loss {loss_sum / seen:.3f}  "
+                        f"({time.perf_counter() - start:.0f} s)")
+                    wrong, seen, loss_sum = 0, 0, 0.0
+                if iteration == config.iterations:
+                    break
+    return curve, (heat if rec is not None else None)
+
+
+def run_experiment(config, out, log=print):
+    """Train the four networks, write the JSON files and figures into ``out``;
+    returns the degradation data dict."""
+    backend.set_backend(config.backend)
+    started = time.perf_counter()
+    data = load_data(config)
+    log(f"degradation ({config.preset}): {config.description}; backend {config.backend}")
+    curves, heatmaps = {}, {}
+    for name in NETWORKS:
+        curves[name], heat = train_network(name, config, data, log)
+        if heat is not None:
+            heatmaps[name] = heat
+    total = time.perf_counter() - started
+    os.makedirs(out, exist_ok=True)
+    result = {"config": {**asdict(config), "description": config.description,
+                         "recipe": "SGD momentum 0.9, weight decay 1e-4, lr 0.1 /10 at 1/2 and 3/4 of the run; "
+                                   "same seed (weights and data order) for all networks; no augmentation",
+                         "train_error": "error on the training mini-batches since the previous point (train mode)",
+                         "test_error": "error on the fixed test subset (eval mode)",
+                         "total_seconds": total},
+              "curves": curves}
+    _write_json(os.path.join(out, "degradation.json"), result)
+    heat_data = {"config": {"preset": config.preset, "description": config.description,
+                            "dataset": config.dataset,
+                            "quantity": "||dL/dW|| per weight layer after each recorded backward"},
+                 "models": heatmaps}
+    _write_json(os.path.join(out, "gradflow_training.json"), heat_data, indent=None)
+    draw_figures(out, result, heat_data)
+    log(f"total {total:.0f} s; wrote degradation.json/.png and gradflow_training.json/.png in {out}")
+    for name, c in curves.items():
+        log(f"{name:>9}: final train error {100 * c['train_error'][-1]:.1f}%, "
+            f"test error {100 * c['test_error'][-1]:.1f}%")
+    return result
+
+
+def draw_figures(out, result=None, heat_data=None):
+    """Draw ``degradation.png`` and ``gradflow_training.png`` in ``out`` from the
+    data (read from the JSON files there when not given)."""
+    from .plots_gradflow import plot_degradation, plot_gradflow_heatmap
+
+    if result is None or heat_data is None:
+        paths = [os.path.join(out, name) for name in ("degradation.json", "gradflow_training.json")]
+        for path in paths:
+            if not os.path.isfile(path):
+                raise FileNotFoundError(f"{path} not found: run `python -m minires degradation --out {out}` first")
+        result, heat_data = (json.load(open(path)) for path in paths)
+    plot_degradation(result, os.path.join(out, "degradation.png"))
+    config = heat_data["config"]
+    plot_gradflow_heatmap(heat_data["models"], os.path.join(out, "gradflow_training.png"),
+                          title=f"Weight-gradient norm per layer during training on "
+                                f"{config.get('dataset', 'fashion-mnist')}\n({config['preset']} preset: "
+                                f"{config['description']})")
+
+
+def _write_json(path, data, indent=1):
+    with open(path, "w") as f:
+        json.dump(data, f, indent=indent)
+
+
+# --- command line ------------------------------------------------------------------
+
+def add_parser(sub):
+    """``python -m minires degradation``."""
+    p = sub.add_parser("degradation", help="train plain-20/56 and ResNet-20/56: error vs iterations (He et al. Fig. 6)",
+                       description="Train plain-20, plain-56, ResNet-20 and ResNet-56 with the same recipe on "
+                                   "Fashion-MNIST; plot training error (thin) and test error (bold) vs iterations, "
+                                   "and per-layer gradient norms during training (plain-56 vs ResNet-56).")
+    preset = p.add_mutually_exclusive_group()
+    preset.add_argument("--quick", dest="preset", action="store_const", const="quick",
+                        help="2-core CPU, under 15 minutes (the default)")
+    preset.add_argument("--full", dest="preset", action="store_const", const="full",
+                        help="a GPU run (use with --backend cupy): full training set, 20k iterations")
+    p.set_defaults(preset="quick")
+    p.add_argument("--out", required=True, metavar="DIR")
+    p.add_argument("--seed", type=int)
+    p.add_argument("--iterations", type=int, help="override the preset's iterations")
+    p.add_argument("--batch", type=int)
+    p.add_argument("--subset", type=int, help="training images")
+    p.add_argument("--image-size", type=int, choices=[14, 28])
+    p.add_argument("--eval-every", type=int)
+    p.add_argument("--eval-size", type=int, help="test images")
+    p.add_argument("--record-every", type=int, help="iterations between heatmap rows")
+    p.add_argument("--lr", type=float)
+    p.add_argument("--backend", choices=["numpy", "cupy"])
+    p.add_argument("--data-dir")
+    p.add_argument("--replot", action="store_true",
+                   help="only redraw the figures in --out from its JSON files (no training)")
+    p.set_defaults(run=run)
+
+
+def run(args):
+    if args.replot:
+        draw_figures(args.out)
+        print(f"redrew the figures in {args.out}")
+        return 0
+    config = make_config(args.preset, seed=args.seed, iterations=args.iterations, batch=args.batch,
+                         subset=args.subset, image_size=args.image_size, eval_every=args.eval_every,
+                         eval_size=args.eval_size, record_every=args.record_every, lr=args.lr,
+                         backend=args.backend, data_dir=args.data_dir)
+    run_experiment(config, args.out)
+    return 0
