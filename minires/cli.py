@@ -10,6 +10,8 @@ from dataclasses import fields
 import numpy
 
 from .assignment import add_parser as add_assignment
+from .degradation import add_parser as add_degradation
+from .gradflow import add_parser as add_gradflow
 
 
 class UsageError(Exception):
@@ -175,7 +177,7 @@ def run_gradcheck(args):
 
 # Each entry adds one sub-command; commands with more code live next to it
 # (e.g. minires/bench.py defines its own add_parser).
-COMMANDS = [add_train, add_summary, add_gradcheck, add_assignment]
+COMMANDS = [add_train, add_summary, add_gradcheck, add_assignment, add_gradflow, add_degradation]
 
 
 def build_parser():
