@@ -228,8 +228,11 @@ def train(config, resume=None, log=print):
     backend.set_backend(config.backend)
     backend.manual_seed(config.seed)
     info = DATASETS[config.dataset]
-    train_loader, test_loader = load_data(config, info)
     model_config = config.model_config(info)
+    if resume:  # check the checkpoint before the (slow) data loading
+        model_state, optim_state, meta = load_checkpoint(resume)
+        check_model_config(resume, meta, model_config)
+    train_loader, test_loader = load_data(config, info)
     model = build_model(model_config["name"], **{k: v for k, v in model_config.items() if k != "name"})
     loss_fn = CrossEntropyLoss()
     opt = make_optimizer(config, model)
@@ -237,8 +240,6 @@ def train(config, resume=None, log=print):
     history, start_epoch = [], 0
 
     if resume:
-        model_state, optim_state, meta = load_checkpoint(resume)
-        check_model_config(resume, meta, model_config)
         model.load_state_dict(model_state)
         opt.load_state_dict(optim_state)
         if schedule is not None:
@@ -283,10 +284,15 @@ def _write_json(path, data):
 def load_model(checkpoint):
     """Rebuild the model saved in ``checkpoint``; returns (model, meta)."""
     model_state, _, meta = load_checkpoint(checkpoint)
-    if "model" not in meta:
+    config = meta.get("model")
+    if not isinstance(config, dict) or "name" not in config:
         raise CheckpointError(f"checkpoint {checkpoint!r} does not say which model it holds")
-    config = dict(meta["model"])
-    model = build_model(config.pop("name"), **config)
+    kwargs = {k: v for k, v in config.items() if k != "name"}
+    try:
+        model = build_model(config["name"], **kwargs)
+    except (TypeError, ValueError) as err:
+        raise CheckpointError(f"checkpoint {checkpoint!r} holds a model config minires cannot build: "
+                              f"{config!r} ({err})") from err
     model.load_state_dict(model_state)
     return model, meta
 

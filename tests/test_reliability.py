@@ -484,7 +484,7 @@ def test_dataset_with_the_wrong_image_size_is_refused(tmp_path, no_data_env):
 
 def test_dataset_with_labels_out_of_range_is_refused(tmp_path, no_data_env):
     folder = fake_fashion_mnist(tmp_path / "d", labels=numpy.array([0, 1, 2, 12, 4, 5]))
-    with pytest.raises(DataError, match=r"train-images-idx3-ubyte\.gz: fashion-mnist labels must be in 0\.\.9, "
+    with pytest.raises(DataError, match=r"train-labels-idx1-ubyte\.gz: fashion-mnist labels must be in 0\.\.9, "
                                         r"found 0\.\.12"):
         load_dataset("fashion-mnist", str(folder), download=False, verify=False, progress=False)
 

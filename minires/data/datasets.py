@@ -72,14 +72,14 @@ def get_info(name):
                          f"{', '.join(sorted(DATASETS))}") from None
 
 
-def _check(info, split, images, labels, source):
+def _check(info, split, images, labels, source, labels_source=None):
     """Shapes, dtypes and label range must match ``info``: never a wrong answer."""
     expected = (len(labels),) + info.image_shape
     if images.dtype != numpy.uint8 or images.shape != expected:
         raise DataError(f"{source}: {info.name} {split} images must be uint8 {expected}, "
                         f"found {images.dtype} {images.shape}")
     if labels.size and (labels.min() < 0 or labels.max() >= info.num_classes):
-        raise DataError(f"{source}: {info.name} labels must be in 0..{info.num_classes - 1}, "
+        raise DataError(f"{labels_source or source}: {info.name} labels must be in 0..{info.num_classes - 1}, "
                         f"found {labels.min()}..{labels.max()}")
 
 
@@ -114,7 +114,7 @@ def load_dataset(name, data_dir=None, download=True, verify=True, progress=True)
                                 "file is damaged or not the official archive (verify=False "
                                 "skips this check)")
         x_train, y_train, x_test, y_test = read_cifar10(path)
-        where = {"train": str(path), "test": str(path)}
+        where = {"train": str(path), "test": str(path), "train labels": str(path), "test labels": str(path)}
     else:
         def pair(images_name, labels_name):
             files = {f.name: f for f in source.files}
@@ -124,9 +124,11 @@ def load_dataset(name, data_dir=None, download=True, verify=True, progress=True)
         x_train, y_train = pair("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz")
         x_test, y_test = pair("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz")
         where = {"train": str(paths["train-images-idx3-ubyte.gz"]),
-                 "test": str(paths["t10k-images-idx3-ubyte.gz"])}
-    _check(info, "train", x_train, y_train, where["train"])
-    _check(info, "test", x_test, y_test, where["test"])
+                 "test": str(paths["t10k-images-idx3-ubyte.gz"]),
+                 "train labels": str(paths["train-labels-idx1-ubyte.gz"]),
+                 "test labels": str(paths["t10k-labels-idx1-ubyte.gz"])}
+    _check(info, "train", x_train, y_train, where["train"], where["train labels"])
+    _check(info, "test", x_test, y_test, where["test"], where["test labels"])
     return x_train, y_train, x_test, y_test
 
 
