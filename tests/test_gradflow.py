@@ -209,3 +209,18 @@ def test_degradation_presets_and_bad_values():
         make_config("medium")
     with pytest.raises(ValueError, match="batch"):
         make_config("quick", batch=0)
+
+
+def test_missing_dataset_falls_back_to_a_labelled_synthetic_batch(monkeypatch):
+    import minires.data
+    from minires.gradflow import load_batch
+
+    def nowhere(*args, **kwargs):
+        raise FileNotFoundError("dataset 'fashion-mnist' not found")
+
+    monkeypatch.setattr(minires.data, "load_dataset", nowhere)
+    x, y, source = load_batch(6, seed=0)
+    assert x.shape == (6, 1, 28, 28) and x.dtype == numpy.float32 and y.shape == (6,)
+    assert source.startswith("SYNTHETIC") and "not found" in source
+    with pytest.raises(FileNotFoundError):  # a folder the user named must exist
+        load_batch(6, data_dir="/nonexistent/folder")
