@@ -38,7 +38,8 @@ Speed notes for the fast path (why the code looks the way it does):
 
 * Rows (c, i, j), columns (n, y, x): with NCHW data every row of ``cols`` is
   then a shifted copy of one channel, so building it is a few long copies, not
-  a gather (about 2x faster than the transposed (N*Ho*Wo, C*kh*kw) layout).
+  a gather (reported about 2x faster than the transposed (N*Ho*Wo, C*kh*kw)
+  layout).
 * The batch goes through in chunks sized so that one chunk's ``cols`` stays in
   the CPU cache (:data:`CHUNK_BYTES`). On a memory-bound 2-core machine this
   matters more than anything else: the columns are kh*kw times larger than x,
@@ -58,7 +59,7 @@ from ..backend import get_array_module
 
 #: Target size in bytes of one chunk of the column matrix (fast path, NumPy).
 #: About the size of a core's L2 cache; see the module docstring. Measured on
-#: 2 cores (2 MiB L2 each): 1-3 MiB all within a few %, no chunking ~1.7x slower.
+#: 2 cores (2 MiB L2 each): 1-3 MiB all within a few %; no chunking is ~1.5x slower.
 CHUNK_BYTES = 2 << 20
 
 
@@ -345,8 +346,8 @@ def _backward_chunk(dout, x, w_mat, kh, kw, stride, padding):
         dout_grid[:, :, :Ho, :Wo] = dout.transpose(1, 0, 2, 3)
         dout_mat = dout_grid.reshape(F, -1)
         # dw_mat = dout_mat @ cols.T, computed as (cols @ dout_mat.T).T: the
-        # same GEMM, but OpenBLAS runs this orientation ~1.7x faster when F is
-        # small (a tall-skinny output instead of a short-wide one).
+        # same GEMM, but OpenBLAS runs this orientation 1.3-1.7x faster for
+        # F = 64..16 (a tall-skinny output instead of a short-wide one).
         dw_mat = (cols @ dout_mat.T).T
         dx = _grid_col2im(w_mat.T @ dout_mat, x.shape, kh, kw, ph, pw)
     else:

@@ -103,7 +103,7 @@ def maxpool2d_forward(x, kernel_size, stride=None, padding=0):
     kh, kw = kernel
     x_pad = _pad(x, *padding, value=-numpy.inf)
     out = _offset_view(x_pad, 0, 0, stride, out_hw).copy()
-    # one byte per output is enough for the arg-max of a window of <= 256 pixels
+    # the smallest integer type that holds kh*kw - 1: one byte up to 16x16 windows
     argmax = xp.zeros(out.shape, dtype=numpy.min_scalar_type(kh * kw - 1))
     for k in range(1, kh * kw):
         candidate = _offset_view(x_pad, k // kw, k % kw, stride, out_hw)
