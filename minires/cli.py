@@ -18,25 +18,24 @@ class UsageError(Exception):
     """Raised by a command for input it cannot use; printed as one line, exit 2."""
 
 
-def _positive_int(text):
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
-    return value
+def _number(kind, minimum, strict):
+    """An argparse type: ``kind`` (int or float) that is > or >= ``minimum``."""
+    def parse(text):
+        try:
+            value = kind(text)
+        except ValueError:
+            value = None
+        if value is None or not (value > minimum if strict else value >= minimum):
+            what = "an integer" if kind is int else "a number"
+            raise argparse.ArgumentTypeError(f"must be {what} {'>' if strict else '>='} {minimum}, got {text!r}")
+        return value
+    parse.__name__ = f"{kind.__name__} {'>' if strict else '>='} {minimum}"
+    return parse
 
 
-def _non_negative_int(text):
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
-    return value
-
-
-def _positive_float(text):
-    value = float(text)
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
-    return value
+_positive_int = _number(int, 1, strict=False)
+_non_negative_int = _number(int, 0, strict=False)
+_positive_float = _number(float, 0, strict=True)
 
 
 # --- train / evaluate -----------------------------------------------------------------
