@@ -39,48 +39,84 @@ def _check(x, gamma):
         )
 
 
+def _channels_view(a):
+    """(N, C, H, W) -> (N, C, H*W), a view when ``a`` is C-contiguous.
+
+    Per-channel sums over this view run along contiguous rows of H*W values
+    (then over N), which is about twice as fast as ``sum(axis=(0, 2, 3))``.
+    """
+    return a.reshape(a.shape[0], a.shape[1], -1)
+
+
+def _channel_sum(a3):
+    """Sum an (N, C, L) array over N and L -> (C,), in a's dtype."""
+    return a3.sum(axis=2).sum(axis=0)
+
+
 def batchnorm2d_forward(x, gamma, beta, running_mean, running_var,
                         momentum=0.1, eps=1e-5, training=True):
     """Normalize x (N, C, H, W) per channel; returns (out, cache).
 
     In training mode ``running_mean`` / ``running_var`` (C,) are updated in place.
+    The cache is ``(x_hat, gamma, inv_std, training)``, x_hat shaped like x.
+
+    Same numbers as :func:`batchnorm2d_forward_naive`, organised for speed:
+    reductions over the contiguous (N, C, H*W) view, two full-size arrays
+    allocated (x_hat and out; out first holds the squares for the variance),
+    everything else in place. Python-float scalars keep float32 float32.
     """
     xp = get_array_module(x, gamma, beta, running_mean, running_var)
     _check(x, gamma)
+    x3 = _channels_view(x)
+    m = x3.shape[0] * x3.shape[2]  # values per channel
+    if training and m < 2:
+        raise ValueError(
+            f"batchnorm2d: training needs more than one value per channel, got x of shape {tuple(x.shape)}"
+        )
+    mean = _channel_sum(x3) / m if training else running_mean
+    x_hat = x3 - mean[:, None]                     # centred; normalized in place below
+    out = xp.empty_like(x_hat)
     if training:
-        m = x.size // x.shape[1]
-        if m < 2:
-            raise ValueError(
-                f"batchnorm2d: training needs more than one value per channel, got x of shape {tuple(x.shape)}"
-            )
-        mean = x.mean(axis=_AXES)
-        var = x.var(axis=_AXES)
+        var = _channel_sum(xp.multiply(x_hat, x_hat, out=out)) / m  # biased; out is scratch here
         running_mean *= 1 - momentum
         running_mean += momentum * mean
         running_var *= 1 - momentum
         running_var += (momentum * m / (m - 1)) * var  # unbiased estimate, as PyTorch
     else:
-        mean, var = running_mean, running_var
+        var = running_var
     inv_std = 1 / xp.sqrt(var + eps)
-    x_hat = (x - _per_channel(mean)) * _per_channel(inv_std)
-    out = _per_channel(gamma) * x_hat + _per_channel(beta)
-    return out, (x_hat, gamma, inv_std, training)
+    x_hat *= inv_std[:, None]
+    xp.multiply(x_hat, gamma[:, None], out=out)
+    out += beta[:, None]
+    return out.reshape(x.shape), (x_hat.reshape(x.shape), gamma, inv_std, training)
 
 
 def batchnorm2d_backward(dout, cache):
-    """Closed-form backward; returns (dx, dgamma, dbeta)."""
+    """Closed-form backward; returns (dx, dgamma, dbeta).
+
+    Training: dx = gamma * inv_std * (dout - dbeta / M - x_hat * dgamma / M),
+    the closed form of the module docstring with the 1/M moved inside.
+    One full-size array is allocated (dx; it first holds dout * x_hat for
+    dgamma); dout and x_hat are only read, never modified.
+    """
     # BEGIN ASSIGNMENT batchnorm2d_backward
     x_hat, gamma, inv_std, training = cache
-    dbeta = dout.sum(axis=_AXES)
-    dgamma = (dout * x_hat).sum(axis=_AXES)
+    xp = get_array_module(dout, x_hat)
+    dout3, x_hat3 = _channels_view(dout), _channels_view(x_hat)  # (N, C, H*W)
+    dbeta = _channel_sum(dout3)
+    dx = xp.multiply(dout3, x_hat3)                 # scratch for dgamma, then reused for dx
+    dgamma = _channel_sum(dx)
+    scale = (gamma * inv_std)[:, None]
     if not training:
         # Eval mode: mean and var are constants, so BN is an affine map.
-        return dout * _per_channel(gamma * inv_std), dgamma, dbeta
-    m = dout.size // dout.shape[1]
-    dx = _per_channel(gamma * inv_std / m) * (
-        m * dout - _per_channel(dbeta) - x_hat * _per_channel(dgamma)
-    )
-    return dx, dgamma, dbeta
+        xp.multiply(dout3, scale, out=dx)
+        return dx.reshape(dout.shape), dgamma, dbeta
+    m = dout3.shape[0] * dout3.shape[2]
+    xp.multiply(x_hat3, (dgamma / m)[:, None], out=dx)   # x_hat * dgamma / M
+    xp.subtract(dout3, dx, out=dx)                       # dout - x_hat * dgamma / M
+    dx -= (dbeta / m)[:, None]
+    dx *= scale
+    return dx.reshape(dout.shape), dgamma, dbeta
     # END ASSIGNMENT batchnorm2d_backward
 
 
