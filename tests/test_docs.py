@@ -20,7 +20,7 @@ if not DOCS.is_dir():  # e.g. a student copy made without --with-docs
 
 DOC_FILES = sorted(DOCS.rglob("*.md"))
 PAGES = [
-    "index.md", "gradient-checking.md", "gpu.md", "reproducing.md", "assignments.md",
+    "index.md", "gradient-checking.md", "gpu.md", "reproducing.md", "assignments.md", "gradient-flow.md",
     "backward/conv2d.md", "backward/batchnorm.md", "backward/relu.md", "backward/linear.md",
     "backward/pooling.md", "backward/softmax-cross-entropy.md", "backward/residual.md",
 ]

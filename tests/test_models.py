@@ -67,7 +67,9 @@ def test_zero_init_residual_makes_blocks_identity():
     block = model.layer1[1]
     x = numpy.abs(numpy.random.default_rng(0).standard_normal((2, 16, 8, 8))).astype(numpy.float32)
     assert numpy.allclose(block(x), x)  # relu(0 + x) for x >= 0
+    assert len(model.blocks()) == 9
     assert all(float(abs(b.last_bn().params["weight"]).max()) == 0 for b in model.blocks())
+    assert len(models.plain20().blocks()) == 9
 
 
 def test_option_a_shortcut_pads_with_zeros():

@@ -11,7 +11,7 @@ A network is a chain: its child modules are assigned in the order data flows
 through them, so forward runs them in that order and backward in reverse.
 """
 from .. import nn
-from .blocks import BasicBlock, Bottleneck, PlainBlock
+from .blocks import BasicBlock, Bottleneck, PlainBlock, ResidualBlock
 
 
 class ResNet(nn.Module):
@@ -33,13 +33,14 @@ class ResNet(nn.Module):
 
     def blocks(self):
         """Every residual/plain block, from input to output."""
-        return [m for _, m in self.named_modules() if hasattr(m, "last_bn")]
+        return [m for _, m in self.named_modules() if isinstance(m, (ResidualBlock, PlainBlock))]
 
     def _zero_init_residual(self):
         """Start each residual branch at zero (gamma = 0 in its last BN), so every
         block begins as the identity (Goyal et al. 2017; torchvision's option)."""
         for block in self.blocks():
-            block.last_bn().params["weight"].fill(0)
+            if isinstance(block, ResidualBlock):
+                block.last_bn().params["weight"].fill(0)
 
 
 def _stage(make_block, in_channels, channels, n, stride):
