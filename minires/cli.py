@@ -10,6 +10,7 @@ from dataclasses import fields
 import numpy
 
 from .assignment import add_parser as add_assignment
+from .bench import add_parser as add_bench
 from .degradation import add_parser as add_degradation
 from .gradflow import add_parser as add_gradflow
 
@@ -176,7 +177,7 @@ def run_gradcheck(args):
 
 # Each entry adds one sub-command; commands with more code live next to it
 # (e.g. minires/bench.py defines its own add_parser).
-COMMANDS = [add_train, add_summary, add_gradcheck, add_assignment, add_gradflow, add_degradation]
+COMMANDS = [add_train, add_summary, add_gradcheck, add_assignment, add_gradflow, add_degradation, add_bench]
 
 
 def build_parser():
