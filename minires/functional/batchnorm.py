@@ -48,9 +48,17 @@ def _channels_view(a):
     return a.reshape(a.shape[0], a.shape[1], -1)
 
 
-def _channel_sum(a3):
-    """Sum an (N, C, L) array over N and L -> (C,), in a's dtype."""
-    return a3.sum(axis=2).sum(axis=0)
+def _channel_sum(a3, b3=None):
+    """sum over N and L of a3 (or of a3 * b3, without materializing the product)
+    for (N, C, L) arrays -> (C,), in their dtype.
+
+    einsum sums each contiguous row of L values (no temporary array, about 2x
+    faster than ``.sum``, 3x for the product); the N row sums are then added
+    pairwise by ``.sum``, so float32 accumulates over at most L values at a time.
+    """
+    xp = get_array_module(a3)
+    rows = xp.einsum("ncl->nc", a3) if b3 is None else xp.einsum("ncl,ncl->nc", a3, b3)
+    return rows.sum(axis=0)
 
 
 def batchnorm2d_forward(x, gamma, beta, running_mean, running_var,
@@ -61,9 +69,9 @@ def batchnorm2d_forward(x, gamma, beta, running_mean, running_var,
     The cache is ``(x_hat, gamma, inv_std, training)``, x_hat shaped like x.
 
     Same numbers as :func:`batchnorm2d_forward_naive`, organised for speed:
-    reductions over the contiguous (N, C, H*W) view, two full-size arrays
-    allocated (x_hat and out; out first holds the squares for the variance),
-    everything else in place. Python-float scalars keep float32 float32.
+    reductions over the contiguous (N, C, H*W) view without temporaries,
+    two full-size arrays allocated (x_hat and out), everything else in place.
+    Python-float scalars keep float32 float32.
     """
     xp = get_array_module(x, gamma, beta, running_mean, running_var)
     _check(x, gamma)
@@ -75,9 +83,8 @@ def batchnorm2d_forward(x, gamma, beta, running_mean, running_var,
         )
     mean = _channel_sum(x3) / m if training else running_mean
     x_hat = x3 - mean[:, None]                     # centred; normalized in place below
-    out = xp.empty_like(x_hat)
     if training:
-        var = _channel_sum(xp.multiply(x_hat, x_hat, out=out)) / m  # biased; out is scratch here
+        var = _channel_sum(x_hat, x_hat) / m       # biased
         running_mean *= 1 - momentum
         running_mean += momentum * mean
         running_var *= 1 - momentum
@@ -86,7 +93,7 @@ def batchnorm2d_forward(x, gamma, beta, running_mean, running_var,
         var = running_var
     inv_std = 1 / xp.sqrt(var + eps)
     x_hat *= inv_std[:, None]
-    xp.multiply(x_hat, gamma[:, None], out=out)
+    out = x_hat * gamma[:, None]
     out += beta[:, None]
     return out.reshape(x.shape), (x_hat.reshape(x.shape), gamma, inv_std, training)
 
@@ -96,23 +103,21 @@ def batchnorm2d_backward(dout, cache):
 
     Training: dx = gamma * inv_std * (dout - dbeta / M - x_hat * dgamma / M),
     the closed form of the module docstring with the 1/M moved inside.
-    One full-size array is allocated (dx; it first holds dout * x_hat for
-    dgamma); dout and x_hat are only read, never modified.
+    One full-size array is allocated (dx); dout and x_hat are only read,
+    never modified.
     """
     # BEGIN ASSIGNMENT batchnorm2d_backward
     x_hat, gamma, inv_std, training = cache
     xp = get_array_module(dout, x_hat)
     dout3, x_hat3 = _channels_view(dout), _channels_view(x_hat)  # (N, C, H*W)
     dbeta = _channel_sum(dout3)
-    dx = xp.multiply(dout3, x_hat3)                 # scratch for dgamma, then reused for dx
-    dgamma = _channel_sum(dx)
+    dgamma = _channel_sum(dout3, x_hat3)
     scale = (gamma * inv_std)[:, None]
     if not training:
         # Eval mode: mean and var are constants, so BN is an affine map.
-        xp.multiply(dout3, scale, out=dx)
-        return dx.reshape(dout.shape), dgamma, dbeta
+        return (dout3 * scale).reshape(dout.shape), dgamma, dbeta
     m = dout3.shape[0] * dout3.shape[2]
-    xp.multiply(x_hat3, (dgamma / m)[:, None], out=dx)   # x_hat * dgamma / M
+    dx = x_hat3 * (dgamma / m)[:, None]                  # x_hat * dgamma / M
     xp.subtract(dout3, dx, out=dx)                       # dout - x_hat * dgamma / M
     dx -= (dbeta / m)[:, None]
     dx *= scale
