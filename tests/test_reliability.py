@@ -614,7 +614,7 @@ def assert_one_line_error(result, message):
 
 @pytest.mark.parametrize("args, message", [
     (["train", "--model", "resnet21"], "argument --model: invalid choice: 'resnet21'"),
-    (["train", "--epochs", "-3"], "argument --epochs: must be >= 0, got -3"),
+    (["train", "--epochs", "-3"], "argument --epochs: must be an integer >= 0, got '-3'"),
     (["train", "--data-dir", "{tmp}/nowhere", "--epochs", "1"], "minires train: error: data directory"),
     (["evaluate", "--checkpoint", "{tmp}/truncated.npz"], "truncated.npz' is truncated or corrupted"),
 ])
@@ -627,11 +627,11 @@ def test_cli_end_to_end_errors_have_no_traceback(tmp_path, args, message):
 
 @pytest.mark.parametrize("argv, message", [
     (["train", "--dataset", "cifar100"], "argument --dataset: invalid choice: 'cifar100'"),
-    (["train", "--lr", "0"], "argument --lr: must be > 0, got 0"),
-    (["train", "--lr", "nan"], "argument --lr: must be > 0, got nan"),
-    (["train", "--batch-size", "0"], "argument --batch-size: must be a positive integer, got 0"),
-    (["train", "--epochs", "two"], "argument --epochs: invalid"),
-    (["train", "--subset", "-5"], "argument --subset: must be a positive integer, got -5"),
+    (["train", "--lr", "0"], "argument --lr: must be a number > 0, got '0'"),
+    (["train", "--lr", "nan"], "argument --lr: must be a number > 0, got 'nan'"),
+    (["train", "--batch-size", "0"], "argument --batch-size: must be an integer >= 1, got '0'"),
+    (["train", "--epochs", "two"], "argument --epochs: must be an integer >= 0, got 'two'"),
+    (["train", "--subset", "-5"], "argument --subset: must be an integer >= 1, got '-5'"),
     (["train", "--backend", "tpu"], "argument --backend: invalid choice: 'tpu'"),
     (["summary", "resnet21"], "argument MODEL: invalid choice: 'resnet21'"),
     (["evaluate"], "the following arguments are required: --checkpoint"),

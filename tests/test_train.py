@@ -150,7 +150,7 @@ def test_checkpoint_refuses_pickles(tmp_path):
 @pytest.mark.parametrize("argv,message", [
     (["train", "--model", "resnet21"], "invalid choice"),
     (["train", "--dataset", "imagenet"], "invalid choice"),
-    (["train", "--epochs", "-1"], "must be >= 0"),
+    (["train", "--epochs", "-1"], "must be an integer >= 0"),
     (["train", "--data-dir", "/no/such/dir", "--epochs", "1"], "does not exist"),
     (["evaluate", "--checkpoint", "/no/such/file.npz"], "does not exist"),
 ])
