@@ -181,7 +181,9 @@ COMMANDS = [add_train, add_summary, add_gradcheck, add_assignment, add_gradflow,
 
 
 def build_parser():
-    parser = argparse.ArgumentParser(prog="python -m minires", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m minires",
+        description="minires: train, inspect and gradient-check hand-written ResNets (NumPy / CuPy).")
     sub = parser.add_subparsers(dest="command", required=True)
     for add in COMMANDS:
         add(sub)
