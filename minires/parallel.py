@@ -1,0 +1,153 @@
+"""Spread independent chunks of NumPy work over the CPU cores.
+
+NumPy runs element-wise work (copies, additions, the im2col gathers) on ONE
+core; only its matrix products (BLAS) use several. The fast conv and
+BatchNorm paths cut the batch into chunks anyway, so that one chunk's work
+fits in a core's cache. :func:`map_chunks` hands those chunks to a pool of
+worker threads, one per core, and asks BLAS for one thread per call while
+they run: every core then does the copies *and* the GEMM of its own chunk.
+Plain Python threads can do this because NumPy releases the GIL inside its
+loops and BLAS calls. On the 2-core test machine this makes a ResNet-20
+training step about 1.25x faster than one chunk after another.
+
+Results do not depend on the number of threads or on timing: each chunk
+writes its own slice of an output, and per-chunk partial results come back
+in chunk order, for the caller to add in that order.
+
+Each worker thread also keeps its own reusable work arrays
+(:func:`scratch`): a fresh multi-MiB NumPy array costs page faults every
+time it is allocated, because the allocator hands big blocks back to the
+system when they are freed.
+
+The number of threads is ``MINIRES_NUM_THREADS`` if set, else the number of
+CPUs this process may use; :func:`set_num_threads` changes it. BLAS is
+limited through the small ``threadpoolctl`` package; without it, BLAS's own
+threads would fight ours for the cores, so the chunks then simply run one
+after another. None of this applies to CuPy: a GPU gets one big chunk.
+"""
+import os
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy
+
+_num_threads = None      # None: not decided yet (see num_threads)
+_pool = None             # the ThreadPoolExecutor, created on first use
+_pool_key = None         # (pid, threads) the pool was made for
+_blas = None             # threadpoolctl controller, False when unavailable
+_inside = threading.local()  # set in worker threads: no nested pools
+_buffers = threading.local()  # each thread's scratch arrays, by name
+
+
+def num_threads():
+    """Worker threads used by :func:`map_chunks` (>= 1)."""
+    global _num_threads
+    if _num_threads is None:
+        env = os.environ.get("MINIRES_NUM_THREADS", "").strip()
+        if env:
+            try:
+                set_num_threads(env)
+            except ValueError as err:
+                raise ValueError(f"MINIRES_NUM_THREADS: {err}") from None
+        else:
+            try:
+                _num_threads = len(os.sched_getaffinity(0))  # honours taskset / containers
+            except AttributeError:  # not on Linux
+                _num_threads = os.cpu_count() or 1
+    return _num_threads
+
+
+def set_num_threads(n):
+    """Use ``n`` worker threads from now on (1 = run chunks one after another)."""
+    global _num_threads
+    try:
+        value = int(n)
+    except (TypeError, ValueError):
+        value = None
+    if value is None or value < 1 or (not isinstance(n, str) and value != n):
+        raise ValueError(f"number of threads must be a positive integer, got {n!r}")
+    _num_threads = value
+
+
+def _blas_controller():
+    """threadpoolctl's controller (finds the BLAS libraries once), or False."""
+    global _blas
+    if _blas is None:
+        try:
+            from threadpoolctl import ThreadpoolController
+            _blas = ThreadpoolController()
+        except ImportError:
+            _blas = False
+    return _blas
+
+
+def _executor(threads):
+    """The shared pool; a new one after fork() (threads do not survive a fork)."""
+    global _pool, _pool_key
+    key = (os.getpid(), threads)
+    if _pool_key != key:
+        if _pool is not None and _pool_key[0] == key[0]:
+            _pool.shutdown(wait=False)  # the thread count changed
+        _pool = ThreadPoolExecutor(threads, thread_name_prefix="minires",
+                                   initializer=setattr, initargs=(_inside, "worker", True))
+        _pool_key = key
+    return _pool
+
+
+def batch_chunks(xp, N, bytes_per_item, target_bytes):
+    """Slices of range(N) holding about ``target_bytes`` each; one slice on a GPU.
+
+    ``bytes_per_item`` is the work memory one item (one image) needs.
+    """
+    if xp is not numpy:
+        return [slice(0, N)]
+    step = max(1, target_bytes // max(1, bytes_per_item))
+    return [slice(lo, min(N, lo + step)) for lo in range(0, N, step)]
+
+
+def chunks_of(xp, a, target_bytes=1 << 20):
+    """:func:`batch_chunks` over the first axis of ``a`` (``[...]`` for a 0-d array).
+
+    The default of 1 MiB suits element-wise work (ReLU, BatchNorm): a chunk
+    stays in the core's cache from one operation on it to the next.
+    """
+    if a.ndim == 0:
+        return [Ellipsis]
+    return batch_chunks(xp, a.shape[0], a[0].nbytes, target_bytes)
+
+
+def map_chunks(fn, chunks):
+    """``[fn(chunk) for chunk in chunks]``, the calls spread over the worker threads.
+
+    ``fn`` must only write to places no other chunk touches (its own slice of
+    an output); anything to be summed over chunks it returns instead.
+    """
+    chunks = list(chunks)
+    threads = min(num_threads(), len(chunks))
+    blas = _blas_controller() if threads > 1 else False
+    if threads < 2 or not blas or getattr(_inside, "worker", False):
+        return [fn(chunk) for chunk in chunks]
+    with blas.limit(limits=1, user_api="blas"):  # one BLAS thread per worker
+        return list(_executor(num_threads()).map(fn, chunks))
+
+
+def scratch(xp, name, shape, dtype):
+    """A work array of this thread, reused from call to call. Contents: garbage.
+
+    For NumPy, one flat buffer per (thread, name, dtype), grown when too
+    small; the caller must write before reading and must not keep the array
+    (or a view of it) beyond its own call. On CuPy a new array (CuPy's memory
+    pool already reuses device memory).
+    """
+    if xp is not numpy:
+        return xp.empty(shape, dtype=dtype)
+    dtype = numpy.dtype(dtype)
+    size = 1
+    for extent in shape:
+        size *= int(extent)
+    key = (name, dtype.str)
+    store = _buffers.__dict__
+    buf = store.get(key)
+    if buf is None or buf.size < size:
+        buf = store[key] = numpy.empty(size, dtype=dtype)
+    return buf[:size].reshape(shape)
