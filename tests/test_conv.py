@@ -1,9 +1,10 @@
 """conv2d: fast (im2col) == naive loops, gradient checks, PyTorch parity, errors.
 
 The naive version is the reference: it is the formula as loops. The fast path
-has three code paths worth covering separately: stride 1 (the padded-grid
-trick), any other stride (strided-view im2col / col2im), and the batch split
-into chunks (forced here by shrinking CHUNK_BYTES).
+has three code paths worth covering separately: "same" convolutions at stride
+1 (the shifted-line trick, whose dx is another "same" convolution), every
+other geometry (strided-view im2col / col2im), and the batch split into
+chunks (forced here by shrinking CHUNK_BYTES).
 """
 import numpy
 import pytest
@@ -42,6 +43,14 @@ CASES = [
     (2, 2, 8, 8, 3, (2, 2), 3, 0, True),    # stride > kernel: some pixels unused
     (2, 2, 4, 5, 3, (4, 5), 1, 0, True),    # kernel == input: a single output
     (2, 1, 3, 3, 2, (5, 5), 1, 1, False),   # kernel == padded input
+    # "same" convolutions (stride 1, 2*padding = kernel - 1): the shifted-line path
+    (2, 3, 6, 5, 2, (3, 1), 1, (1, 0), True),
+    (2, 2, 5, 6, 3, (1, 3), 1, (0, 1), False),
+    (2, 2, 7, 6, 3, (5, 3), 1, (2, 1), True),
+    (1, 2, 2, 2, 2, (3, 3), 1, 1, True),    # 2x2 image: every window hangs over an edge
+    (2, 2, 1, 1, 2, (3, 3), 1, 1, False),   # 1x1 image
+    (1, 2, 1, 2, 3, (5, 5), 1, 2, True),    # kernel reaches past the image on both sides
+    (2, 2, 2, 3, 2, (7, 3), 1, (3, 1), True),  # ... by more than the image's height
 ]
 
 

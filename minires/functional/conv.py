@@ -40,27 +40,30 @@ Speed notes for the fast path (why the code looks the way it does):
   then a shifted copy of one channel, so building it is a few long copies, not
   a gather (reported about 2x faster than the transposed (N*Ho*Wo, C*kh*kw)
   layout).
-* The batch goes through in chunks sized so that one chunk's ``cols`` stays in
-  the CPU cache (:data:`CHUNK_BYTES`). On a memory-bound 2-core machine this
-  matters more than anything else: the columns are kh*kw times larger than x,
-  and writing them to RAM and reading them back three times (forward GEMM, dw,
-  col2im) costs more than the arithmetic. The backward rebuilds each chunk's
-  columns from x (cheap: they are in cache) instead of keeping them from the
-  forward, which would also hold ~1 GB of columns for a ResNet-20 step.
-  On CuPy the whole batch is one chunk (a GPU wants one large GEMM).
-* Stride 1 uses the "padded grid" trick, see :func:`_grid_im2col`: every row of
-  ``cols`` becomes one contiguous slice of the padded input, and col2im
-  becomes kh*kw contiguous shifted additions. Other strides use the general
-  strided-view :func:`im2col` / :func:`col2im`.
+* The batch goes through in chunks of about :data:`CHUNK_BYTES` of columns.
+  On a memory-bound 2-core machine this matters more than anything else: the
+  columns are kh*kw times larger than x, and writing them all to RAM and
+  reading them back costs more than the arithmetic. The chunks run on all
+  CPU cores (:func:`minires.parallel.map_chunks`), each thread building its
+  columns in its own reused buffer. The backward rebuilds each chunk's
+  columns from x instead of keeping them from the forward, which would hold
+  ~1 GB of columns for a ResNet-20 step. On CuPy the whole batch is one chunk
+  (a GPU wants one large GEMM).
+* "Same" convolutions at stride 1 (3x3 padding 1, 1x1 padding 0) lay each
+  channel out as one line, so that every row of ``cols`` is one contiguous
+  shifted slice of it (:func:`_same_cols`), and compute dx as another "same"
+  convolution, of dout with the flipped kernel: no col2im. Other geometries
+  use the general strided-view :func:`im2col` / :func:`col2im`.
 """
 import numpy
 
 from ..backend import get_array_module
+from ..parallel import batch_chunks, map_chunks, scratch
 
 #: Target size in bytes of one chunk of the column matrix (fast path, NumPy).
-#: About the size of a core's L2 cache; see the module docstring. Measured on
-#: 2 cores (2 MiB L2 each): 1-3 MiB all within a few %; no chunking is ~1.5x slower.
-CHUNK_BYTES = 2 << 20
+#: Measured on 2 cores (2 MiB L2 each), ResNet-20 convolutions, batch 128:
+#: 4 MiB is best; 2 MiB costs ~8%, 1 MiB ~40% (per-chunk overhead), 16 MiB ~30%.
+CHUNK_BYTES = 4 << 20
 
 
 # --------------------------------------------------------------------------
@@ -251,61 +254,78 @@ def col2im(cols, x_shape, kh, kw, stride, padding):
 
 
 # --------------------------------------------------------------------------
-# the padded-grid trick (stride 1)
+# "same" convolutions at stride 1: columns as shifted copies of one line
 # --------------------------------------------------------------------------
-def _grid_pitch(H, W, kh, kw, ph, pw):
-    """Row length Wq, rows per image Hq, and leading zeros of the stride-1 grid."""
-    Hq = max(H + ph, H + 2 * ph - kh + 1)  # >= H + ph, and >= Ho so outputs fit
-    Wq = max(W + pw, W + 2 * pw - kw + 1)
-    return Hq, Wq, ph * Wq + pw
+def _is_same(kh, kw, stride, padding):
+    """Stride 1 with output size = input size (2*ph = kh - 1, 2*pw = kw - 1).
+
+    All of ResNet's stride-1 convolutions are like this (3x3 padding 1, 1x1
+    padding 0), and so is the convolution that gives their dx (see
+    :func:`_backward_chunk`). They take the fast route of :func:`_same_im2col`.
+    """
+    return stride == (1, 1) and 2 * padding[0] == kh - 1 and 2 * padding[1] == kw - 1
 
 
-def _grid_im2col(x, kh, kw, ph, pw):
-    """Stride-1 columns over the padded grid: (C*kh*kw, N*Hq*Wq).
+def _same_lines(x, ph, pw, kw, name):
+    """x (n, C, H, W) as one line per channel, framed by zeros: (kw, C, lead + n*H*W + lead).
 
-    Lay every channel out as one long line: image after image, row after
-    row, each row of W pixels followed by Wq - W >= pw zeros and each image
-    followed by Hq - H >= ph zero rows. The zeros after a row are both its
-    right padding and the next row's left padding (likewise for images), so
-    the whole padded batch is ``flat[c, q]`` with pixel (n, y, x) at
-    q = lead + n*Hq*Wq + y*Wq + x.
-
-    At stride 1, output position q = n*Hq*Wq + y*Wq + x sees through kernel
-    offset (i, j) the entry flat[c, q + i*Wq + j]: a pure shift. So row
-    (c, i, j) of the column matrix is the contiguous slice
-    flat[c, s : s + N*Hq*Wq] with s = i*Wq + j, and the whole matrix is a
-    strided view of ``flat``; the copy that materializes it moves long
-    contiguous rows. We compute an output at every grid position q, also
-    where y >= Ho or x >= Wo (garbage, cropped afterwards): Hq*Wq / (Ho*Wo)
-    more GEMM work, 6% at 32x32, 27% at 8x8 (3x3 kernel, padding 1).
+    Pixel (m, y, x) of channel c sits at lines[:, c, lead + m*H*W + y*W + x],
+    with lead = ph*W + pw. There is one copy of the line per kernel column j
+    (see :func:`_same_cols` for why copy j has some image columns set to zero).
+    A scratch array of this thread, valid until its next call with ``name``.
     """
     xp = get_array_module(x)
-    N, C, H, W = x.shape
-    Hq, Wq, lead = _grid_pitch(H, W, kh, kw, ph, pw)
-    P = N * Hq * Wq
-    # extra zeros at the end: the last shifted slice reads (kh-1)*Wq + kw-1 past P
-    flat = xp.zeros((C, lead + P + (kh - 1) * Wq + kw - 1), dtype=x.dtype)
-    grid = flat[:, lead:lead + P].reshape(C, N, Hq, Wq)
-    grid[:, :, :H, :W] = x.transpose(1, 0, 2, 3)  # pad + NCHW -> CNHW in one copy
-    sc, sq = flat.strides
-    view = _as_strided(xp, flat, (C, kh, kw, P), (sc, Wq * sq, sq, sq))
-    return view.reshape(C * kh * kw, P)  # the copy
+    n, C, H, W = x.shape
+    lead, P = ph * W + pw, n * H * W
+    lines = scratch(xp, name, (kw, C, lead + P + lead), x.dtype)
+    lines[:, :, :lead] = 0
+    lines[:, :, lead + P:] = 0
+    # NCHW -> C, then the n*H*W pixels: long contiguous runs (an image's plane)
+    lines[pw, :, lead:lead + P].reshape(C, n, H * W)[...] = x.reshape(n, C, H * W).transpose(1, 0, 2)
+    by_column = lines[:, :, lead:lead + P].reshape(kw, C, n * H, W)
+    for j in range(kw):
+        shift = j - pw  # kernel column j reads pixel x + shift
+        if shift:
+            lines[j] = lines[pw]
+            by_column[j, :, :, max(0, W + shift):] = 0  # columns it only reaches by wrapping around
+            by_column[j, :, :, :max(0, shift)] = 0
+    return lines
 
 
-def _grid_col2im(cols, x_shape, kh, kw, ph, pw):
-    """Adjoint of :func:`_grid_im2col`: kh*kw contiguous shifted adds -> dx (N, C, H, W) view."""
-    xp = get_array_module(cols)
-    N, C, H, W = x_shape
-    Hq, Wq, lead = _grid_pitch(H, W, kh, kw, ph, pw)
-    P = N * Hq * Wq
-    cols = cols.reshape(C, kh, kw, P)
-    dflat = xp.zeros((C, lead + P + (kh - 1) * Wq + kw - 1), dtype=cols.dtype)
-    for i in range(kh):
-        for j in range(kw):
-            shift = i * Wq + j
-            dflat[:, shift:shift + P] += cols[:, i, j]
-    dx_grid = dflat[:, lead:lead + P].reshape(C, N, Hq, Wq)
-    return dx_grid[:, :, :H, :W].transpose(1, 0, 2, 3)  # drop the padding
+def _same_cols(lines, kh, kw, n, H, W):
+    """Columns (C*kh*kw, n*H*W) of a stride-1 "same" convolution, from :func:`_same_lines`.
+
+    Output position q = m*H*W + y*W + x looks through kernel offset (i, j) at
+    pixel (y + i - ph, x + j - pw) of the same image, which is at q + s on
+    the line, s = lead + (i - ph)*W + (j - pw): a pure shift. So row (c, i, j)
+    of the column matrix is the contiguous slice lines[j, c, s : s + n*H*W],
+    and the whole matrix is one copy of a strided view -- long contiguous rows.
+
+    The shift is right only inside the image. A window hanging over the left
+    edge (x + j - pw < 0) reads the end of the row above instead of a padding
+    zero; that is why copy j of the line has those columns zeroed (no
+    in-image read of offset j ever needs them). A window hanging over the top
+    or bottom edge reads the neighbouring image (or the zero frame): those
+    entries are set to zero in the columns, a few contiguous slices.
+    """
+    xp = get_array_module(lines)
+    C = lines.shape[1]
+    ph, pw = (kh - 1) // 2, (kw - 1) // 2
+    sj, sc, sq = lines.strides
+    view = _as_strided(xp, lines, (C, kh, kw, n * H * W), (sc, W * sq, sj + sq, sq))
+    cols = scratch(xp, "cols", (C * kh * kw, n * H * W), lines.dtype)
+    cols.reshape(C, kh, kw, -1)[...] = view  # the copy
+    by_row = cols.reshape(C, kh, kw, n, H, W)
+    for i in range(kh):  # rows y with y + i - ph outside 0..H-1
+        by_row[:, i, :, :, :max(0, ph - i)] = 0
+        by_row[:, i, :, :, max(0, H + ph - i):] = 0
+    return cols
+
+
+def _same_im2col(x, kh, kw):
+    """im2col of a stride-1 "same" convolution: (C*kh*kw, n*H*W), a scratch array."""
+    n, _, H, W = x.shape
+    return _same_cols(_same_lines(x, (kh - 1) // 2, (kw - 1) // 2, kw, "lines"), kh, kw, n, H, W)
 
 
 # --------------------------------------------------------------------------
@@ -313,61 +333,63 @@ def _grid_col2im(cols, x_shape, kh, kw, ph, pw):
 # --------------------------------------------------------------------------
 def _batch_chunks(xp, N, bytes_per_image):
     """Slices of the batch whose column matrix is about CHUNK_BYTES (all of it on GPU)."""
-    if xp is not numpy:
-        return [slice(0, N)]
-    step = max(1, CHUNK_BYTES // max(1, bytes_per_image))
-    return [slice(lo, min(N, lo + step)) for lo in range(0, N, step)]
+    return batch_chunks(xp, N, bytes_per_image, CHUNK_BYTES)
 
 
 def _forward_chunk(x, w_mat, kh, kw, stride, padding, out_hw):
-    """Convolution of one chunk of images: a (n, F, Ho, Wo) view (not yet copied)."""
+    """Convolution of one chunk of images: a (n, F, Ho, Wo) view, valid until this
+    thread's next call (it may live in a scratch array: copy it out)."""
+    xp = get_array_module(x)
     n, F = x.shape[0], w_mat.shape[0]
-    (Ho, Wo), (ph, pw) = out_hw, padding
-    if stride == (1, 1):
-        Hq, Wq, _ = _grid_pitch(*x.shape[2:], kh, kw, ph, pw)
-        out_grid = (w_mat @ _grid_im2col(x, kh, kw, ph, pw)).reshape(F, n, Hq, Wq)
-        out = out_grid[:, :, :Ho, :Wo]  # crop the garbage positions
+    Ho, Wo = out_hw
+    if _is_same(kh, kw, stride, padding):
+        cols = _same_im2col(x, kh, kw)
+        out_mat = scratch(xp, "out", (F, cols.shape[1]), xp.result_type(w_mat, cols))
+        xp.matmul(w_mat, cols, out=out_mat)
     else:
-        out = (w_mat @ im2col(x, kh, kw, stride, padding)).reshape(F, n, Ho, Wo)
-    return out.transpose(1, 0, 2, 3)
+        out_mat = w_mat @ im2col(x, kh, kw, stride, padding)
+    return out_mat.reshape(F, n, Ho, Wo).transpose(1, 0, 2, 3)
 
 
-def _backward_chunk(dout, x, w_mat, kh, kw, stride, padding):
-    """Gradients for one chunk: (dx view (n, C, H, W), dw_mat (F, C*kh*kw))."""
+def _backward_chunk(dout, x, w, stride, padding):
+    """Gradients for one chunk: (dx (n, C, H, W), a view valid until this thread's
+    next call, and dw_mat (F, C*kh*kw))."""
     xp = get_array_module(dout, x)
     n, F, Ho, Wo = dout.shape
+    C, H, W = x.shape[1:]
+    kh, kw = w.shape[2:]
     (ph, pw) = padding
-    if stride == (1, 1):
-        cols = _grid_im2col(x, kh, kw, ph, pw)  # rebuilt, see module docstring
-        # dout on the padded grid: zero at the cropped (garbage) positions, so
-        # they contribute nothing to dw or dx.
-        Hq, Wq, _ = _grid_pitch(*x.shape[2:], kh, kw, ph, pw)
-        dout_grid = xp.zeros((F, n, Hq, Wq), dtype=dout.dtype)
-        dout_grid[:, :, :Ho, :Wo] = dout.transpose(1, 0, 2, 3)
-        dout_mat = dout_grid.reshape(F, -1)
+    if not _is_same(kh, kw, stride, padding):
+        cols = im2col(x, kh, kw, stride, padding)
+        dout_mat = dout.transpose(1, 0, 2, 3).reshape(F, -1)
         # dw_mat = dout_mat @ cols.T, computed as (cols @ dout_mat.T).T: the
         # same GEMM, but OpenBLAS runs this orientation 1.3-1.7x faster for
         # F = 64..16 (a tall-skinny output instead of a short-wide one).
         dw_mat = (cols @ dout_mat.T).T
-        dx = _grid_col2im(w_mat.T @ dout_mat, x.shape, kh, kw, ph, pw)
-    else:
-        cols = im2col(x, kh, kw, stride, padding)
-        dout_mat = dout.transpose(1, 0, 2, 3).reshape(F, -1)
-        dw_mat = (cols @ dout_mat.T).T  # = dout_mat @ cols.T, as above
-        dx_pad = _col2im_padded(w_mat.T @ dout_mat, x.shape, kh, kw, *stride, *padding)
-        dx = dx_pad[:, :, ph:ph + x.shape[2], pw:pw + x.shape[3]].transpose(1, 0, 2, 3)
-    return dx, dw_mat
+        dx_pad = _col2im_padded(w.reshape(F, -1).T @ dout_mat, x.shape, kh, kw, *stride, *padding)
+        return dx_pad[:, :, ph:ph + H, pw:pw + W].transpose(1, 0, 2, 3), dw_mat
+
+    # "Same" convolution: dx is itself a "same" convolution, of dout with the
+    # kernel flipped and its in/out channels swapped (docs/backward/conv2d.md),
+    # so no col2im is needed. dout gets the same line layout as x; its middle
+    # part is dout_mat for dw.
+    P = n * H * W
+    dlines = _same_lines(dout, ph, pw, kw, "dlines")
+    lead = ph * W + pw
+    dout_mat = dlines[pw, :, lead:lead + P]  # (F, n*H*W), the copy with no column zeroed
+    cols = _same_im2col(x, kh, kw)  # rebuilt, see module docstring
+    dw_mat = (cols @ dout_mat.T).T  # = dout_mat @ cols.T, the faster orientation (above)
+    w_flip = w[:, :, ::-1, ::-1].transpose(1, 0, 2, 3).reshape(C, F * kh * kw)
+    dcols = _same_cols(dlines, kh, kw, n, H, W)  # reuses the scratch of cols
+    dx_mat = scratch(xp, "out", (C, P), xp.result_type(w_flip, dcols))
+    xp.matmul(w_flip, dcols, out=dx_mat)
+    return dx_mat.reshape(C, n, H, W).transpose(1, 0, 2, 3), dw_mat
 
 
 def _cols_bytes_per_image(x_shape, w_shape, stride, padding, out_hw, itemsize):
     C, H, W = x_shape[1:]
     kh, kw = w_shape[2:]
-    if stride == (1, 1):
-        Hq, Wq, _ = _grid_pitch(H, W, kh, kw, *padding)
-        positions = Hq * Wq
-    else:
-        positions = out_hw[0] * out_hw[1]
-    return C * kh * kw * positions * itemsize
+    return C * kh * kw * out_hw[0] * out_hw[1] * itemsize
 
 
 def conv2d_forward(x, w, b=None, stride=1, padding=0):
@@ -382,10 +404,13 @@ def conv2d_forward(x, w, b=None, stride=1, padding=0):
     w_mat = w.reshape(F, -1)
     out = xp.empty((N, F, Ho, Wo), dtype=xp.result_type(x, w))
     per_image = _cols_bytes_per_image(x.shape, w.shape, stride, padding, (Ho, Wo), x.itemsize)
-    for chunk in _batch_chunks(xp, N, per_image):
+
+    def one_chunk(chunk):  # each chunk writes its own slice of out
         out[chunk] = _forward_chunk(x[chunk], w_mat, kh, kw, stride, padding, (Ho, Wo))
         if b is not None:
             out[chunk] += b.reshape(1, F, 1, 1)  # while the chunk is in cache
+
+    map_chunks(one_chunk, _batch_chunks(xp, N, per_image))  # on all CPU cores
     return out, (x, w, b, stride, padding)
 
 
@@ -401,9 +426,13 @@ def conv2d_backward(dout, cache):
     dx = xp.empty(x.shape, dtype=xp.result_type(dout, w))
     dw_mat = xp.zeros(w_mat.shape, dtype=xp.result_type(dout, x))
     per_image = _cols_bytes_per_image(x.shape, w.shape, stride, padding, out_hw, x.itemsize)
-    for chunk in _batch_chunks(xp, N, per_image):
-        dx[chunk], dw_chunk = _backward_chunk(dout[chunk], x[chunk], w_mat, kh, kw, stride, padding)
-        dw_mat += dw_chunk  # dw sums over the batch, so chunks add
+
+    def one_chunk(chunk):  # writes its slice of dx, returns its share of dw
+        dx[chunk], dw_chunk = _backward_chunk(dout[chunk], x[chunk], w, stride, padding)
+        return dw_chunk
+
+    for dw_chunk in map_chunks(one_chunk, _batch_chunks(xp, N, per_image)):
+        dw_mat += dw_chunk  # dw sums over the batch, so chunks add (in a fixed order)
     db = dout.sum(axis=(0, 2, 3)) if b is not None else None
     return dx, dw_mat.reshape(w.shape), db
     # END ASSIGNMENT conv2d_backward
