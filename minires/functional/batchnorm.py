@@ -22,8 +22,13 @@ The two sums are how the gradient reaches x through mean and var: every x of a
 channel influences every output of that channel.
 """
 from ..backend import get_array_module
+from ..parallel import chunks_of, map_chunks
 
 _AXES = (0, 2, 3)  # reduce over batch and space, keep channels
+
+#: Bytes of x per chunk of the fast path (NumPy): small enough that a chunk
+#: is still in the core's cache for the next operation on it.
+CHUNK_BYTES = 1 << 20
 
 
 def _per_channel(v):
@@ -61,6 +66,11 @@ def _channel_sum(a3, b3=None):
     return rows.sum(axis=0)
 
 
+def _chunks(xp, x3):
+    """Slices of the batch for the fast path: about CHUNK_BYTES of x each."""
+    return chunks_of(xp, x3, CHUNK_BYTES)
+
+
 def batchnorm2d_forward(x, gamma, beta, running_mean, running_var,
                         momentum=0.1, eps=1e-5, training=True):
     """Normalize x (N, C, H, W) per channel; returns (out, cache).
@@ -69,9 +79,11 @@ def batchnorm2d_forward(x, gamma, beta, running_mean, running_var,
     The cache is ``(x_hat, gamma, inv_std, training)``, x_hat shaped like x.
 
     Same numbers as :func:`batchnorm2d_forward_naive`, organised for speed:
-    reductions over the contiguous (N, C, H*W) view without temporaries,
-    two full-size arrays allocated (x_hat and out), everything else in place.
-    Python-float scalars keep float32 float32.
+    three passes over x, each over chunks of the batch on all CPU cores
+    (:func:`minires.parallel.map_chunks`) -- the mean; x - mean and its sum
+    of squares while the chunk is in cache; normalize and scale. Reductions
+    run over the contiguous (N, C, H*W) view; two full-size arrays are
+    allocated (x_hat and out). Python-float scalars keep float32 float32.
     """
     xp = get_array_module(x, gamma, beta, running_mean, running_var)
     _check(x, gamma)
@@ -81,10 +93,20 @@ def batchnorm2d_forward(x, gamma, beta, running_mean, running_var,
         raise ValueError(
             f"batchnorm2d: training needs more than one value per channel, got x of shape {tuple(x.shape)}"
         )
-    mean = _channel_sum(x3) / m if training else running_mean
-    x_hat = x3 - mean[:, None]                     # centred; normalized in place below
+    chunks = _chunks(xp, x3)
     if training:
-        var = _channel_sum(x_hat, x_hat) / m       # biased
+        mean = sum(map_chunks(lambda c: _channel_sum(x3[c]), chunks)) / m
+    else:
+        mean = running_mean
+    x_hat = xp.empty_like(x3)
+
+    def center(c):  # x_hat = x - mean, and its sum of squares while in cache
+        xp.subtract(x3[c], mean[:, None], out=x_hat[c])
+        return _channel_sum(x_hat[c], x_hat[c]) if training else None
+
+    squares = map_chunks(center, chunks)
+    if training:
+        var = sum(squares) / m                     # biased
         running_mean *= 1 - momentum
         running_mean += momentum * mean
         running_var *= 1 - momentum
@@ -92,9 +114,14 @@ def batchnorm2d_forward(x, gamma, beta, running_mean, running_var,
     else:
         var = running_var
     inv_std = 1 / xp.sqrt(var + eps)
-    x_hat *= inv_std[:, None]
-    out = x_hat * gamma[:, None]
-    out += beta[:, None]
+    out = xp.empty_like(x3)
+
+    def normalize(c):  # x_hat *= inv_std (in place); out = gamma * x_hat + beta
+        x_hat[c] *= inv_std[:, None]
+        xp.multiply(x_hat[c], gamma[:, None], out=out[c])
+        out[c] += beta[:, None]
+
+    map_chunks(normalize, chunks)
     return out.reshape(x.shape), (x_hat.reshape(x.shape), gamma, inv_std, training)
 
 
@@ -103,24 +130,33 @@ def batchnorm2d_backward(dout, cache):
 
     Training: dx = gamma * inv_std * (dout - dbeta / M - x_hat * dgamma / M),
     the closed form of the module docstring with the 1/M moved inside.
-    One full-size array is allocated (dx); dout and x_hat are only read,
-    never modified.
+    Two passes over chunks of the batch on all CPU cores: the two sums, then
+    dx. One full-size array is allocated (dx); dout and x_hat are only read.
     """
     # BEGIN ASSIGNMENT batchnorm2d_backward
     x_hat, gamma, inv_std, training = cache
     xp = get_array_module(dout, x_hat)
     dout3, x_hat3 = _channels_view(dout), _channels_view(x_hat)  # (N, C, H*W)
-    dbeta = _channel_sum(dout3)
-    dgamma = _channel_sum(dout3, x_hat3)
+    chunks = _chunks(xp, dout3)
+    sums = map_chunks(lambda c: (_channel_sum(dout3[c]), _channel_sum(dout3[c], x_hat3[c])), chunks)
+    dbeta = sum(s[0] for s in sums)                      # sum of dout
+    dgamma = sum(s[1] for s in sums)                     # sum of dout * x_hat
     scale = (gamma * inv_std)[:, None]
-    if not training:
-        # Eval mode: mean and var are constants, so BN is an affine map.
-        return (dout3 * scale).reshape(dout.shape), dgamma, dbeta
+    dx = xp.empty_like(dout3)
     m = dout3.shape[0] * dout3.shape[2]
-    dx = x_hat3 * (dgamma / m)[:, None]                  # x_hat * dgamma / M
-    xp.subtract(dout3, dx, out=dx)                       # dout - x_hat * dgamma / M
-    dx -= (dbeta / m)[:, None]
-    dx *= scale
+
+    def dx_chunk(c):
+        d = dx[c]
+        if not training:
+            # Eval mode: mean and var are constants, so BN is an affine map.
+            xp.multiply(dout3[c], scale, out=d)
+            return
+        xp.multiply(x_hat3[c], (dgamma / m)[:, None], out=d)  # x_hat * dgamma / M
+        xp.subtract(dout3[c], d, out=d)                      # dout - x_hat * dgamma / M
+        d -= (dbeta / m)[:, None]
+        d *= scale
+
+    map_chunks(dx_chunk, chunks)
     return dx.reshape(dout.shape), dgamma, dbeta
     # END ASSIGNMENT batchnorm2d_backward
 
