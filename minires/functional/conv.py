@@ -266,66 +266,59 @@ def _is_same(kh, kw, stride, padding):
     return stride == (1, 1) and 2 * padding[0] == kh - 1 and 2 * padding[1] == kw - 1
 
 
-def _same_lines(x, ph, pw, kw, name):
-    """x (n, C, H, W) as one line per channel, framed by zeros: (kw, C, lead + n*H*W + lead).
+def _same_line(x, ph, pw, name):
+    """x (n, C, H, W) as one line per channel, framed by zeros: (C, lead + n*H*W + lead).
 
-    Pixel (m, y, x) of channel c sits at lines[:, c, lead + m*H*W + y*W + x],
-    with lead = ph*W + pw. There is one copy of the line per kernel column j
-    (see :func:`_same_cols` for why copy j has some image columns set to zero).
-    A scratch array of this thread, valid until its next call with ``name``.
+    Pixel (m, y, x) of channel c sits at line[c, lead + m*H*W + y*W + x],
+    with lead = ph*W + pw. One copy with long contiguous runs (an image's
+    plane). A scratch array of this thread, valid until its next call with
+    the same ``name``.
     """
     xp = get_array_module(x)
     n, C, H, W = x.shape
     lead, P = ph * W + pw, n * H * W
-    lines = scratch(xp, name, (kw, C, lead + P + lead), x.dtype)
-    lines[:, :, :lead] = 0
-    lines[:, :, lead + P:] = 0
-    # NCHW -> C, then the n*H*W pixels: long contiguous runs (an image's plane)
-    lines[pw, :, lead:lead + P].reshape(C, n, H * W)[...] = x.reshape(n, C, H * W).transpose(1, 0, 2)
-    by_column = lines[:, :, lead:lead + P].reshape(kw, C, n * H, W)
-    for j in range(kw):
-        shift = j - pw  # kernel column j reads pixel x + shift
-        if shift:
-            lines[j] = lines[pw]
-            by_column[j, :, :, max(0, W + shift):] = 0  # columns it only reaches by wrapping around
-            by_column[j, :, :, :max(0, shift)] = 0
-    return lines
+    line = scratch(xp, name, (C, lead + P + lead), x.dtype)
+    line[:, :lead] = 0
+    line[:, lead + P:] = 0
+    line[:, lead:lead + P].reshape(C, n, H * W)[...] = x.reshape(n, C, H * W).transpose(1, 0, 2)
+    return line
 
 
-def _same_cols(lines, kh, kw, n, H, W):
-    """Columns (C*kh*kw, n*H*W) of a stride-1 "same" convolution, from :func:`_same_lines`.
+def _same_cols(line, kh, kw, n, H, W):
+    """Columns (C*kh*kw, n*H*W) of a stride-1 "same" convolution, from :func:`_same_line`.
 
     Output position q = m*H*W + y*W + x looks through kernel offset (i, j) at
     pixel (y + i - ph, x + j - pw) of the same image, which is at q + s on
     the line, s = lead + (i - ph)*W + (j - pw): a pure shift. So row (c, i, j)
-    of the column matrix is the contiguous slice lines[j, c, s : s + n*H*W],
-    and the whole matrix is one copy of a strided view -- long contiguous rows.
+    of the column matrix is the contiguous slice line[c, s : s + n*H*W], and
+    the whole matrix is one copy of a strided view -- long contiguous rows.
 
     The shift is right only inside the image. A window hanging over the left
     edge (x + j - pw < 0) reads the end of the row above instead of a padding
-    zero; that is why copy j of the line has those columns zeroed (no
-    in-image read of offset j ever needs them). A window hanging over the top
-    or bottom edge reads the neighbouring image (or the zero frame): those
-    entries are set to zero in the columns, a few contiguous slices.
+    zero, one over the top edge reads the previous image (or the zero frame),
+    and so on: those entries of ``cols`` are set to zero afterwards.
     """
-    xp = get_array_module(lines)
-    C = lines.shape[1]
+    xp = get_array_module(line)
+    C = line.shape[0]
     ph, pw = (kh - 1) // 2, (kw - 1) // 2
-    sj, sc, sq = lines.strides
-    view = _as_strided(xp, lines, (C, kh, kw, n * H * W), (sc, W * sq, sj + sq, sq))
-    cols = scratch(xp, "cols", (C * kh * kw, n * H * W), lines.dtype)
+    sc, sq = line.strides
+    view = _as_strided(xp, line, (C, kh, kw, n * H * W), (sc, W * sq, sq, sq))
+    cols = scratch(xp, "cols", (C * kh * kw, n * H * W), line.dtype)
     cols.reshape(C, kh, kw, -1)[...] = view  # the copy
-    by_row = cols.reshape(C, kh, kw, n, H, W)
+    by_pixel = cols.reshape(C, kh, kw, n, H, W)
     for i in range(kh):  # rows y with y + i - ph outside 0..H-1
-        by_row[:, i, :, :, :max(0, ph - i)] = 0
-        by_row[:, i, :, :, max(0, H + ph - i):] = 0
+        by_pixel[:, i, :, :, :max(0, ph - i)] = 0
+        by_pixel[:, i, :, :, max(0, H + ph - i):] = 0
+    for j in range(kw):  # columns x with x + j - pw outside 0..W-1
+        by_pixel[:, :, j, :, :, :max(0, pw - j)] = 0
+        by_pixel[:, :, j, :, :, max(0, W + pw - j):] = 0
     return cols
 
 
 def _same_im2col(x, kh, kw):
     """im2col of a stride-1 "same" convolution: (C*kh*kw, n*H*W), a scratch array."""
     n, _, H, W = x.shape
-    return _same_cols(_same_lines(x, (kh - 1) // 2, (kw - 1) // 2, kw, "lines"), kh, kw, n, H, W)
+    return _same_cols(_same_line(x, (kh - 1) // 2, (kw - 1) // 2, "line"), kh, kw, n, H, W)
 
 
 # --------------------------------------------------------------------------
@@ -374,13 +367,13 @@ def _backward_chunk(dout, x, w, stride, padding):
     # so no col2im is needed. dout gets the same line layout as x; its middle
     # part is dout_mat for dw.
     P = n * H * W
-    dlines = _same_lines(dout, ph, pw, kw, "dlines")
+    dline = _same_line(dout, ph, pw, "dline")
     lead = ph * W + pw
-    dout_mat = dlines[pw, :, lead:lead + P]  # (F, n*H*W), the copy with no column zeroed
+    dout_mat = dline[:, lead:lead + P]  # (F, n*H*W): dout[m, f, y, x] at m*H*W + y*W + x
     cols = _same_im2col(x, kh, kw)  # rebuilt, see module docstring
     dw_mat = (cols @ dout_mat.T).T  # = dout_mat @ cols.T, the faster orientation (above)
     w_flip = w[:, :, ::-1, ::-1].transpose(1, 0, 2, 3).reshape(C, F * kh * kw)
-    dcols = _same_cols(dlines, kh, kw, n, H, W)  # reuses the scratch of cols
+    dcols = _same_cols(dline, kh, kw, n, H, W)  # reuses the scratch of cols
     dx_mat = scratch(xp, "out", (C, P), xp.result_type(w_flip, dcols))
     xp.matmul(w_flip, dcols, out=dx_mat)
     return dx_mat.reshape(C, n, H, W).transpose(1, 0, 2, 3), dw_mat
