@@ -291,27 +291,36 @@ def _same_cols(line, kh, kw, n, H, W):
     pixel (y + i - ph, x + j - pw) of the same image, which is at q + s on
     the line, s = lead + (i - ph)*W + (j - pw): a pure shift. So row (c, i, j)
     of the column matrix is the contiguous slice line[c, s : s + n*H*W], and
-    the whole matrix is one copy of a strided view -- long contiguous rows.
+    the whole matrix is a copy of a strided view -- long contiguous rows.
 
     The shift is right only inside the image. A window hanging over the left
     edge (x + j - pw < 0) reads the end of the row above instead of a padding
-    zero, one over the top edge reads the previous image (or the zero frame),
-    and so on: those entries of ``cols`` are set to zero afterwards.
+    zero: so while the rows of kernel column j are copied, the image columns
+    that j can only reach that way are zeroed on the line (and put back
+    after). A window hanging over the top or bottom edge reads the previous
+    or next image (or the zero frame): those entries of ``cols`` are zeroed
+    afterwards, a few contiguous slices.
     """
     xp = get_array_module(line)
-    C = line.shape[0]
+    C, L = line.shape
     ph, pw = (kh - 1) // 2, (kw - 1) // 2
+    lead, P = ph * W + pw, n * H * W
+    cols = scratch(xp, "cols", (C * kh * kw, P), line.dtype)
+    by_offset = cols.reshape(C, kh, kw, P)
+    pixels = line[:, lead:lead + P].reshape(C, n * H, W)  # by image row
     sc, sq = line.strides
-    view = _as_strided(xp, line, (C, kh, kw, n * H * W), (sc, W * sq, sq, sq))
-    cols = scratch(xp, "cols", (C * kh * kw, n * H * W), line.dtype)
-    cols.reshape(C, kh, kw, -1)[...] = view  # the copy
+    for j in range(kw):
+        shift = j - pw  # kernel column j reads pixel x + shift
+        wrapped = slice(max(0, W + shift), W) if shift < 0 else slice(0, min(W, shift))
+        saved = pixels[:, :, wrapped].copy()
+        pixels[:, :, wrapped] = 0
+        rows_j = _as_strided(xp, line[:, j:], (C, kh, P), (sc, W * sq, sq))  # row (c, i) at i*W + j
+        by_offset[:, :, j] = rows_j  # the copy
+        pixels[:, :, wrapped] = saved
     by_pixel = cols.reshape(C, kh, kw, n, H, W)
     for i in range(kh):  # rows y with y + i - ph outside 0..H-1
         by_pixel[:, i, :, :, :max(0, ph - i)] = 0
         by_pixel[:, i, :, :, max(0, H + ph - i):] = 0
-    for j in range(kw):  # columns x with x + j - pw outside 0..W-1
-        by_pixel[:, :, j, :, :, :max(0, pw - j)] = 0
-        by_pixel[:, :, j, :, :, max(0, W + pw - j):] = 0
     return cols
 
 
