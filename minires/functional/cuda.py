@@ -1,0 +1,395 @@
+"""Hand-written CUDA kernels for the GPU hot spots, each one launch.
+
+On CuPy the xp code of ``conv.py`` / ``batchnorm.py`` / ``activation.py`` is
+correct but costs many kernel launches per op, each a full pass over memory:
+
+* ``im2col`` replaces :func:`minires.functional.conv.im2col` (a padded copy,
+  then one strided copy per kernel offset: ~20 launches for a 3x3 conv);
+* ``col2im`` replaces :func:`minires.functional.conv.col2im` (a zero fill and
+  one ``+=`` per kernel offset); it *gathers*, so it needs no atomics;
+* ``bn_stats`` + ``bn_normalize`` replace the BatchNorm forward (mean, var,
+  centre, scale, shift: ~10 launches), ``bn_backward_sums`` + ``bn_backward_dx``
+  its backward (``batchnorm2d_forward`` / ``batchnorm2d_backward``);
+* ``relu_backward`` fuses ``dout * (out > 0)`` (two launches and a mask array).
+
+Every kernel walks its outputs with a grid-stride loop and every output is
+written by exactly one thread, so any launch shape gives the same answer --
+including one block of one thread, which is how ``tests/cuda_emulator.py``
+runs this very source on the CPU. The element type ``T`` is float or double
+(:func:`kernel_source`). CuPy is imported only when a kernel is launched.
+"""
+import functools
+
+import numpy
+
+from ..backend import get_array_module
+from .conv import _pair
+
+#: Threads per block of the element-wise kernels.
+THREADS = 256
+#: Most blocks per launch: enough to fill any current GPU several times over;
+#: past that the grid-stride loop gives each thread more elements.
+MAX_BLOCKS = 8192
+#: Threads per block of the per-channel reductions (one block per channel);
+#: also the size of their shared-memory buffer, so never launch more.
+REDUCE_THREADS = 256
+
+_CTYPES = {"float32": "float", "float64": "double"}
+
+_SOURCE = r"""
+// ---- im2col: cols[(c, i, j), (n, y, x)] = x_pad[n, c, y*sh + i, x*sw + j] ----
+// One thread per entry of cols (C*kh*kw, N*Ho*Wo); consecutive threads write
+// consecutive columns, so the writes are coalesced.
+extern "C" __global__ void im2col(const T* x, T* cols, int N, int C, int H, int W,
+                                  int kh, int kw, int sh, int sw, int ph, int pw, int Ho, int Wo)
+{
+    const long long P = (long long)N * Ho * Wo;            // columns = output positions
+    const long long total = (long long)C * kh * kw * P;
+    for (long long t = blockIdx.x * (long long)blockDim.x + threadIdx.x; t < total;
+         t += (long long)blockDim.x * gridDim.x) {
+        const int row = (int)(t / P), col = (int)(t % P);  // row = (c, i, j), col = (n, y, x)
+        const int j = row % kw, i = row / kw % kh, c = row / (kw * kh);
+        const int xo = col % Wo, yo = col / Wo % Ho, n = col / (Wo * Ho);
+        const int yi = yo * sh + i - ph, xi = xo * sw + j - pw;  // pixel in the unpadded x
+        const bool inside = yi >= 0 && yi < H && xi >= 0 && xi < W;
+        cols[t] = inside ? x[(((long long)n * C + c) * H + yi) * W + xi] : (T)0;
+    }
+}
+
+// ---- col2im, the adjoint: dx[n, c, yi, xi] = sum of the cols entries read from it ----
+// One thread per pixel of dx (N, C, H, W), which gathers: pixel p (in padded
+// coordinates p + ph) was read at kernel row i by output row yo iff
+// p + ph - i = yo * sh with 0 <= yo < Ho; the same for columns. No atomics.
+extern "C" __global__ void col2im(const T* cols, T* dx, int N, int C, int H, int W,
+                                  int kh, int kw, int sh, int sw, int ph, int pw, int Ho, int Wo)
+{
+    const long long P = (long long)N * Ho * Wo;
+    const long long total = (long long)N * C * H * W;
+    for (long long t = blockIdx.x * (long long)blockDim.x + threadIdx.x; t < total;
+         t += (long long)blockDim.x * gridDim.x) {
+        const int xi = t % W, yi = t / W % H, c = t / ((long long)W * H) % C;
+        const int n = t / ((long long)W * H * C);
+        T sum = 0;
+        for (int i = 0; i < kh; ++i) {
+            const int ys = yi + ph - i;                    // = yo * sh if row i of window yo hit yi
+            if (ys < 0 || ys % sh != 0 || ys / sh >= Ho) continue;
+            for (int j = 0; j < kw; ++j) {
+                const int xs = xi + pw - j;
+                if (xs < 0 || xs % sw != 0 || xs / sw >= Wo) continue;
+                const long long row = ((long long)c * kh + i) * kw + j;
+                sum += cols[row * P + ((long long)n * Ho + ys / sh) * Wo + xs / sw];
+            }
+        }
+        dx[t] = sum;
+    }
+}
+
+// ---- block_sum: the sum of v over the threads of a block ----
+// Tree reduction in shared memory: fold the upper half of the n partial sums
+// onto the lower half until one is left. half = ceil(n / 2), so n need not be
+// a power of two (blockDim 1 does no folding). All threads of the block must
+// call it (it synchronizes); partial holds at least blockDim.x values.
+__device__ T block_sum(T* partial, T v)
+{
+    partial[threadIdx.x] = v;
+    __syncthreads();
+    for (unsigned n = blockDim.x; n > 1; ) {
+        const unsigned half = (n + 1) / 2;
+        if (threadIdx.x < n - half) partial[threadIdx.x] += partial[threadIdx.x + half];
+        __syncthreads();
+        n = half;
+    }
+    const T total = partial[0];
+    __syncthreads();                                       // all have read it before reuse
+    return total;
+}
+
+// ---- BatchNorm statistics: mean[c], var[c] over the M = N*L values of channel c ----
+// x is (N, C, L) with L = H*W; value k of channel c is x[(k / L) * C*L + c*L + k % L].
+// One block per channel (grid-stride over channels); its threads stride over
+// the values, so neighbouring threads read neighbouring addresses. Two passes:
+// the mean, then the mean of (x - mean)^2 (biased variance), which stays
+// accurate when |mean| >> std, unlike E[x^2] - mean^2.
+extern "C" __global__ void bn_stats(const T* x, T* mean, T* var, int N, int C, int L)
+{
+    __shared__ T partial[REDUCE_THREADS];
+    const long long M = (long long)N * L;
+    for (int c = blockIdx.x; c < C; c += gridDim.x) {
+        const T* xc = x + (long long)c * L;
+        T s = 0;
+        for (long long k = threadIdx.x; k < M; k += blockDim.x) s += xc[k / L * C * L + k % L];
+        const T mu = block_sum(partial, s) / (T)M;
+        s = 0;
+        for (long long k = threadIdx.x; k < M; k += blockDim.x) {
+            const T d = xc[k / L * C * L + k % L] - mu;
+            s += d * d;
+        }
+        const T sq = block_sum(partial, s);
+        if (threadIdx.x == 0) { mean[c] = mu; var[c] = sq / (T)M; }
+    }
+}
+
+// ---- x_hat = (x - mean) * inv_std,  out = gamma * x_hat + beta (element-wise) ----
+extern "C" __global__ void bn_normalize(const T* x, const T* mean, const T* inv_std,
+                                        const T* gamma, const T* beta, T* x_hat, T* out,
+                                        int N, int C, int L)
+{
+    const long long total = (long long)N * C * L;
+    for (long long t = blockIdx.x * (long long)blockDim.x + threadIdx.x; t < total;
+         t += (long long)blockDim.x * gridDim.x) {
+        const int c = t / L % C;                           // t = (n, c, l)
+        const T xh = (x[t] - mean[c]) * inv_std[c];
+        x_hat[t] = xh;
+        out[t] = gamma[c] * xh + beta[c];
+    }
+}
+
+// ---- BatchNorm backward sums: dbeta[c] = sum dout, dgamma[c] = sum dout * x_hat ----
+// Same layout and block-per-channel scheme as bn_stats.
+extern "C" __global__ void bn_backward_sums(const T* dout, const T* x_hat, T* dgamma, T* dbeta,
+                                            int N, int C, int L)
+{
+    __shared__ T partial[REDUCE_THREADS];
+    const long long M = (long long)N * L;
+    for (int c = blockIdx.x; c < C; c += gridDim.x) {
+        T sd = 0, sdx = 0;
+        for (long long k = threadIdx.x; k < M; k += blockDim.x) {
+            const long long t = k / L * C * L + (long long)c * L + k % L;
+            sd += dout[t];
+            sdx += dout[t] * x_hat[t];
+        }
+        const T db = block_sum(partial, sd), dg = block_sum(partial, sdx);
+        if (threadIdx.x == 0) { dbeta[c] = db; dgamma[c] = dg; }
+    }
+}
+
+// ---- BatchNorm dx (element-wise), M = N*L values per channel ----
+// training: dx = gamma * inv_std * (dout - x_hat * dgamma / M - dbeta / M)
+//           (the last two terms are the gradient through the batch mean and var)
+// eval:     dx = gamma * inv_std * dout    (running stats are constants)
+extern "C" __global__ void bn_backward_dx(const T* dout, const T* x_hat, const T* gamma,
+                                          const T* inv_std, const T* dgamma, const T* dbeta,
+                                          T* dx, int N, int C, int L, int training)
+{
+    const long long total = (long long)N * C * L;
+    const T M = (T)((long long)N * L);
+    for (long long t = blockIdx.x * (long long)blockDim.x + threadIdx.x; t < total;
+         t += (long long)blockDim.x * gridDim.x) {
+        const int c = t / L % C;
+        const T scale = gamma[c] * inv_std[c];
+        dx[t] = training ? scale * (dout[t] - x_hat[t] * (dgamma[c] / M) - dbeta[c] / M)
+                         : scale * dout[t];
+    }
+}
+
+// ---- ReLU backward: dx = dout * (out > 0) ----
+// A multiply rather than a select, as the xp version: a NaN in dout stays
+// visible even where the unit is off.
+extern "C" __global__ void relu_backward(const T* dout, const T* out, T* dx, long long n)
+{
+    for (long long t = blockIdx.x * (long long)blockDim.x + threadIdx.x; t < n;
+         t += (long long)blockDim.x * gridDim.x)
+        dx[t] = dout[t] * (T)(out[t] > 0);
+}
+"""
+
+
+def kernel_source(dtype):
+    """The CUDA source of all kernels for float32 or float64 (``T`` = float / double).
+
+    This exact string is what :mod:`cupy` compiles and what the CPU emulator
+    (tests/cuda_emulator.py) compiles with g++.
+    """
+    name = numpy.dtype(dtype).name
+    if name not in _CTYPES:
+        raise ValueError(f"CUDA kernels: expected float32 or float64, got dtype {name}")
+    return f"typedef {_CTYPES[name]} T;\n#define REDUCE_THREADS {REDUCE_THREADS}\n" + _SOURCE
+
+
+# --------------------------------------------------------------------------
+# launching
+# --------------------------------------------------------------------------
+def elementwise_grid(n):
+    """(blocks, threads) for an element-wise kernel over n outputs (0 blocks: nothing to do)."""
+    return min(-(-n // THREADS), MAX_BLOCKS), THREADS
+
+
+def channel_grid(channels):
+    """(blocks, threads) for a per-channel reduction: one block per channel."""
+    return min(channels, MAX_BLOCKS), REDUCE_THREADS
+
+
+@functools.lru_cache(maxsize=None)
+def _module(dtype_name):
+    import cupy  # only here: the module must import without CuPy
+    return cupy.RawModule(code=kernel_source(dtype_name))
+
+
+def kernel_args(args):
+    """Python ints as numpy.int32 (C ``int``); arrays and numpy scalars unchanged.
+
+    CuPy passes a numpy scalar with its own size, so the C type is explicit.
+    """
+    return tuple(numpy.int32(a) if isinstance(a, int) else a for a in args)
+
+
+def _launch(name, dtype, grid, block, args):
+    """Run kernel ``name`` of the ``dtype`` source on (grid, block) blocks x threads.
+
+    The only place that talks to CuPy (the tests swap in the CPU emulator here).
+    """
+    if any(isinstance(a, numpy.ndarray) for a in args):
+        raise TypeError(
+            f"CUDA kernel {name}: expected CuPy arrays, got NumPy arrays; on the CPU use the "
+            "NumPy functions of minires.functional (or minires.backend.to_device first)"
+        )
+    if grid == 0:
+        return  # empty output: a launch of 0 blocks would be an error
+    _module(numpy.dtype(dtype).name).get_function(name)((grid,), (block,), kernel_args(args))
+
+
+def _inputs(name, *arrays):
+    """The xp module and C-contiguous copies (no-op views if already) of same-dtype float arrays."""
+    xp = get_array_module(*arrays)
+    dtype = arrays[0].dtype
+    if dtype.name not in _CTYPES or any(a.dtype != dtype for a in arrays):
+        raise ValueError(
+            f"{name}: expected float32 or float64 arrays of one dtype, got dtypes "
+            f"{[a.dtype.name for a in arrays]}"
+        )
+    return xp, [xp.ascontiguousarray(a) for a in arrays]
+
+
+def _nchw(name, x):
+    if x.ndim != 4:
+        raise ValueError(f"{name}: expected an array of shape (N, C, H, W), got shape {tuple(x.shape)}")
+    return x.shape
+
+
+def _per_channel(name, C, **vectors):
+    for label, v in vectors.items():
+        if tuple(v.shape) != (C,):
+            raise ValueError(f"{name}: expected {label} of shape ({C},), got shape {tuple(v.shape)}")
+
+
+# --------------------------------------------------------------------------
+# wrappers (CuPy arrays in, CuPy arrays out; same contracts as the xp code)
+# --------------------------------------------------------------------------
+def conv_geometry(x_shape, kh, kw, stride, padding):
+    """The int arguments (N, C, H, W, kh, kw, sh, sw, ph, pw, Ho, Wo) of im2col / col2im."""
+    (sh, sw), (ph, pw) = _pair(stride, "stride", 1), _pair(padding, "padding", 0)
+    if len(x_shape) != 4:
+        raise ValueError(f"im2col/col2im: expected x_shape (N, C, H, W), got {tuple(x_shape)}")
+    N, C, H, W = (int(d) for d in x_shape)
+    Ho, Wo = (H + 2 * ph - kh) // sh + 1, (W + 2 * pw - kw) // sw + 1
+    if kh < 1 or kw < 1 or Ho < 1 or Wo < 1:
+        raise ValueError(
+            f"im2col: kernel {kh}x{kw} does not fit input {H}x{W} with padding {(ph, pw)}"
+        )
+    return N, C, H, W, kh, kw, sh, sw, ph, pw, Ho, Wo
+
+
+def im2col(x, kh, kw, stride, padding):
+    """x (N, C, H, W) -> cols (C*kh*kw, N*Ho*Wo), as :func:`minires.functional.conv.im2col`.
+
+    One launch. Returns a new C-contiguous array of x's dtype.
+    """
+    xp, (x,) = _inputs("im2col", x)
+    geometry = conv_geometry(_nchw("im2col x", x), kh, kw, stride, padding)
+    N, C, *_, Ho, Wo = geometry
+    cols = xp.empty((C * kh * kw, N * Ho * Wo), dtype=x.dtype)
+    _launch("im2col", x.dtype, *elementwise_grid(cols.size), (x, cols) + geometry)
+    return cols
+
+
+def col2im(cols, x_shape, kh, kw, stride, padding):
+    """cols (C*kh*kw, N*Ho*Wo) -> dx of shape x_shape, as :func:`minires.functional.conv.col2im`.
+
+    One launch, no atomics (each thread sums the entries of one pixel). Returns a
+    new C-contiguous (N, C, H, W) array of cols' dtype.
+    """
+    xp, (cols,) = _inputs("col2im", cols)
+    geometry = conv_geometry(tuple(x_shape), kh, kw, stride, padding)
+    N, C, H, W, *_, Ho, Wo = geometry
+    if tuple(cols.shape) != (C * kh * kw, N * Ho * Wo):
+        raise ValueError(
+            f"col2im: expected cols of shape ({C * kh * kw}, {N * Ho * Wo}) for x_shape "
+            f"{tuple(x_shape)} and a {kh}x{kw} kernel, got shape {tuple(cols.shape)}"
+        )
+    dx = xp.empty((N, C, H, W), dtype=cols.dtype)
+    _launch("col2im", cols.dtype, *elementwise_grid(dx.size), (cols, dx) + geometry)
+    return dx
+
+
+def _ncl(x):
+    """The int arguments (N, C, L = H*W) of the BatchNorm kernels."""
+    N, C, H, W = x.shape
+    return N, C, H * W
+
+
+def batchnorm_forward_stats(x):
+    """Per-channel mean and biased variance of x (N, C, H, W): two (C,) arrays of x's dtype.
+
+    One launch (two passes over each channel, in one block per channel).
+    """
+    xp, (x,) = _inputs("batchnorm_forward_stats", x)
+    N, C, H, W = _nchw("batchnorm_forward_stats x", x)
+    if N * H * W == 0:
+        raise ValueError(f"batchnorm_forward_stats: no values per channel in x of shape {tuple(x.shape)}")
+    mean, var = xp.empty(C, dtype=x.dtype), xp.empty(C, dtype=x.dtype)
+    _launch("bn_stats", x.dtype, *channel_grid(C), (x, mean, var) + _ncl(x))
+    return mean, var
+
+
+def batchnorm_normalize(x, mean, inv_std, gamma, beta):
+    """x_hat = (x - mean) * inv_std and out = gamma * x_hat + beta, per channel.
+
+    x (N, C, H, W); mean, inv_std, gamma, beta (C,). One launch; returns
+    (x_hat, out), new C-contiguous arrays shaped and typed like x.
+    """
+    xp, (x, mean, inv_std, gamma, beta) = _inputs("batchnorm_normalize", x, mean, inv_std, gamma, beta)
+    C = _nchw("batchnorm_normalize x", x)[1]
+    _per_channel("batchnorm_normalize", C, mean=mean, inv_std=inv_std, gamma=gamma, beta=beta)
+    x_hat, out = xp.empty_like(x), xp.empty_like(x)
+    _launch("bn_normalize", x.dtype, *elementwise_grid(x.size),
+            (x, mean, inv_std, gamma, beta, x_hat, out) + _ncl(x))
+    return x_hat, out
+
+
+def batchnorm_backward(dout, x_hat, gamma, inv_std, training):
+    """BatchNorm backward, as :func:`minires.functional.batchnorm.batchnorm2d_backward`.
+
+    dout, x_hat (N, C, H, W); gamma, inv_std (C,). Two launches (the per-channel
+    sums, then dx). Returns (dx, dgamma, dbeta): dx a new C-contiguous array
+    shaped like dout, dgamma and dbeta (C,), all of dout's dtype.
+    """
+    xp, (dout, x_hat, gamma, inv_std) = _inputs("batchnorm_backward", dout, x_hat, gamma, inv_std)
+    C = _nchw("batchnorm_backward dout", dout)[1]
+    if x_hat.shape != dout.shape:
+        raise ValueError(
+            f"batchnorm_backward: expected x_hat of shape {tuple(dout.shape)} (dout's), "
+            f"got shape {tuple(x_hat.shape)}"
+        )
+    _per_channel("batchnorm_backward", C, gamma=gamma, inv_std=inv_std)
+    dgamma, dbeta = xp.empty(C, dtype=dout.dtype), xp.empty(C, dtype=dout.dtype)
+    _launch("bn_backward_sums", dout.dtype, *channel_grid(C), (dout, x_hat, dgamma, dbeta) + _ncl(dout))
+    dx = xp.empty_like(dout)
+    _launch("bn_backward_dx", dout.dtype, *elementwise_grid(dx.size),
+            (dout, x_hat, gamma, inv_std, dgamma, dbeta, dx) + _ncl(dout) + (int(bool(training)),))
+    return dx, dgamma, dbeta
+
+
+def relu_backward(dout, out):
+    """dx = dout * (out > 0), as :func:`minires.functional.activation.relu_backward`.
+
+    One launch; returns a new C-contiguous array shaped and typed like dout.
+    """
+    xp, (dout, out) = _inputs("relu_backward", dout, out)
+    if dout.shape != out.shape:
+        raise ValueError(
+            f"relu_backward: expected dout of shape {tuple(out.shape)} (the forward's output), "
+            f"got shape {tuple(dout.shape)}"
+        )
+    dx = xp.empty_like(dout)
+    _launch("relu_backward", dout.dtype, *elementwise_grid(dx.size), (dout, out, dx, numpy.int64(dx.size)))
+    return dx

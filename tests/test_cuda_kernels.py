@@ -1,0 +1,415 @@
+"""The CUDA kernels of minires/functional/cuda.py against the NumPy code they replace.
+
+Two ways to run the same kernel source:
+
+* on the CPU (always, needs g++): the wrappers run with NumPy arrays and
+  ``cuda._launch`` swapped for the emulator (tests/cuda_emulator.py), so the
+  wrapper code and the real kernel code are both exercised;
+* on a GPU (``-m gpu``, skipped without CuPy and a GPU): the real
+  ``cupy.RawModule`` launches.
+"""
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy
+import pytest
+
+import cuda_emulator
+from minires import backend
+from minires.functional import activation, batchnorm, conv, cuda
+
+# (N, C, H, W, kh, kw, stride, padding): pad 0/1/2, stride 1/2/3, non-square
+# kernels and inputs, batch 1, 1x1 kernels, a kernel as large as the input,
+# a stride larger than the kernel (pixels that no window reads).
+CONV_CASES = [
+    (2, 3, 5, 5, 3, 3, 1, 1),
+    (2, 3, 7, 6, 3, 3, 2, 1),
+    (1, 2, 7, 7, 3, 3, 2, 0),
+    (2, 3, 6, 6, 5, 5, 1, 2),
+    (1, 2, 5, 7, 3, 2, (1, 2), (0, 2)),
+    (3, 2, 6, 5, 1, 3, (2, 1), (2, 0)),
+    (2, 4, 5, 5, 1, 1, 1, 0),
+    (1, 3, 9, 8, 1, 1, 2, 0),
+    (2, 2, 4, 4, 4, 4, 1, 0),
+    (1, 1, 3, 5, 3, 3, 2, 2),
+    (1, 2, 7, 7, 2, 2, 3, 0),
+]
+DTYPES = [numpy.float32, numpy.float64]
+BN_SHAPES = [(4, 3, 5, 6), (1, 2, 3, 3), (2, 5, 1, 1), (3, 4, 7, 5)]
+
+
+def _tol(dtype):
+    return {"rtol": 1e-12, "atol": 1e-12} if dtype == numpy.float64 else {"rtol": 1e-5, "atol": 1e-5}
+
+
+# --------------------------------------------------------------------------
+# emulator plumbing
+# --------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def compiled():
+    """{dtype name: emulator Kernels} built from cuda.kernel_source (the CuPy source)."""
+    if not cuda_emulator.compiler_available():
+        pytest.skip("g++ is not available to emulate the CUDA kernels")
+    return {name: cuda_emulator.compile_kernels(cuda.kernel_source(name), T)
+            for name, T in (("float32", "float"), ("float64", "double"))}
+
+
+@pytest.fixture
+def emulated(compiled, monkeypatch):
+    """Route the wrappers' launches to the emulator; returns the launch log.
+
+    Each launch runs as ``shape`` = (blocks, threads), one thread by default;
+    a test may set ``emulated.shape`` to try other launch shapes. The log
+    records (kernel, grid, block) as the wrapper asked for them.
+    """
+    class Emulated(list):
+        shape = (1, 1)
+
+    log = Emulated()
+
+    def launch(name, dtype, grid, block, args):
+        log.append((name, grid, block))
+        if grid:
+            blocks, threads = log.shape
+            compiled[numpy.dtype(dtype).name].launch(name, cuda.kernel_args(args), blocks, threads)
+
+    monkeypatch.setattr(cuda, "_launch", launch)
+    return log
+
+
+def _bn_inputs(rng, shape, dtype):
+    C = shape[1]
+    x = (rng.normal(size=shape) * 2 + 0.5).astype(dtype)
+    gamma = rng.uniform(0.5, 1.5, size=C).astype(dtype)
+    beta = rng.normal(size=C).astype(dtype)
+    return x, gamma, beta
+
+
+def _reference_bn(forward, x, gamma, beta, training, rng):
+    running_mean = rng.normal(size=gamma.shape).astype(x.dtype)
+    running_var = rng.uniform(0.5, 2, size=gamma.shape).astype(x.dtype)
+    out, cache = forward(x, gamma, beta, running_mean.copy(), running_var.copy(), training=training)
+    return out, cache, running_mean, running_var
+
+
+def _kernel_bn_forward(x, gamma, beta, running_mean, running_var, training, eps=1e-5):
+    """The forward as batchnorm.py's CuPy branch would compose the wrappers."""
+    mean, var = cuda.batchnorm_forward_stats(x) if training else (running_mean, running_var)
+    inv_std = 1 / numpy.sqrt(var + x.dtype.type(eps))
+    x_hat, out = cuda.batchnorm_normalize(x, mean, inv_std, gamma, beta)
+    return out, x_hat, inv_std
+
+
+# --------------------------------------------------------------------------
+# the source itself
+# --------------------------------------------------------------------------
+def test_module_imports_without_cupy():
+    """With ``import cupy`` made to fail, the module still imports and gives its source."""
+    code = ("import sys; sys.modules['cupy'] = None\n"  # None in sys.modules: ImportError
+            "from minires.functional import cuda; assert 'T;' in cuda.kernel_source('float32')")
+    env = {k: v for k, v in os.environ.items() if k != "MINIRES_BACKEND"}
+    subprocess.run([sys.executable, "-c", code], check=True, env=env, cwd=Path(cuda.__file__).parents[2])
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_source_compiles_for_the_gpu(dtype):
+    try:
+        log = cuda_emulator.nvcc_check(cuda.kernel_source(dtype))
+    except FileNotFoundError:
+        pytest.skip("nvcc is not available")
+    assert log == ""
+
+
+def test_kernel_source_rejects_other_dtypes():
+    with pytest.raises(ValueError, match="float16"):
+        cuda.kernel_source(numpy.float16)
+
+
+def test_launch_configuration():
+    assert cuda.elementwise_grid(0) == (0, cuda.THREADS)
+    assert cuda.elementwise_grid(1) == (1, cuda.THREADS)
+    assert cuda.elementwise_grid(cuda.THREADS + 1) == (2, cuda.THREADS)
+    assert cuda.elementwise_grid(10**10)[0] == cuda.MAX_BLOCKS  # the grid-stride loop does the rest
+    assert cuda.channel_grid(16) == (16, cuda.REDUCE_THREADS)
+    assert cuda.channel_grid(10**6)[0] == cuda.MAX_BLOCKS
+
+
+def test_wrappers_refuse_numpy_arrays_without_the_emulator():
+    x = numpy.zeros((1, 1, 3, 3), numpy.float32)
+    with pytest.raises(TypeError, match="CuPy arrays"):
+        cuda.im2col(x, 3, 3, (1, 1), (1, 1))
+
+
+# --------------------------------------------------------------------------
+# im2col / col2im, emulated
+# --------------------------------------------------------------------------
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("case", CONV_CASES)
+def test_im2col(emulated, case, dtype, rng):
+    N, C, H, W, kh, kw, stride, padding = case
+    x = rng.normal(size=(N, C, H, W)).astype(dtype)
+    cols = cuda.im2col(x, kh, kw, stride, padding)
+    expected = conv.im2col(x, kh, kw, stride, padding)
+    assert cols.dtype == x.dtype and cols.flags.c_contiguous
+    numpy.testing.assert_array_equal(cols, expected)  # a copy: bit for bit
+    assert emulated == [("im2col", *cuda.elementwise_grid(cols.size))]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("case", CONV_CASES)
+def test_col2im(emulated, case, dtype, rng):
+    N, C, H, W, kh, kw, stride, padding = case
+    *_, Ho, Wo = cuda.conv_geometry((N, C, H, W), kh, kw, stride, padding)
+    cols = rng.normal(size=(C * kh * kw, N * Ho * Wo)).astype(dtype)
+    dx = cuda.col2im(cols, (N, C, H, W), kh, kw, stride, padding)
+    expected = conv.col2im(cols, (N, C, H, W), kh, kw, stride, padding)
+    assert dx.shape == (N, C, H, W) and dx.dtype == cols.dtype and dx.flags.c_contiguous
+    numpy.testing.assert_allclose(dx, expected, **_tol(dtype))
+
+
+def test_col2im_is_the_adjoint_of_im2col(emulated, rng):
+    """<im2col(x), cols> = <x, col2im(cols)>: the defining property of the backward."""
+    x = rng.normal(size=(2, 3, 6, 5))
+    for kh, kw, stride, padding in [(3, 3, 2, 1), (2, 3, (1, 2), (2, 0))]:
+        cols = rng.normal(size=cuda.im2col(x, kh, kw, stride, padding).shape)
+        lhs = numpy.vdot(cuda.im2col(x, kh, kw, stride, padding), cols)
+        rhs = numpy.vdot(x, cuda.col2im(cols, x.shape, kh, kw, stride, padding))
+        assert lhs == pytest.approx(rhs, rel=1e-12)
+
+
+@pytest.mark.parametrize("shape", [(1, 1), (3, 4), (2, 7), (64, 3)])
+def test_conv_kernels_any_launch_shape(emulated, shape, rng):
+    """Grid-stride loops: every (blocks, threads) gives the same, complete output."""
+    emulated.shape = shape
+    x = rng.normal(size=(2, 3, 7, 6))
+    numpy.testing.assert_array_equal(cuda.im2col(x, 3, 2, (2, 1), (1, 2)), conv.im2col(x, 3, 2, (2, 1), (1, 2)))
+    cols = rng.normal(size=conv.im2col(x, 3, 3, 1, 1).shape)
+    numpy.testing.assert_allclose(cuda.col2im(cols, x.shape, 3, 3, 1, 1),
+                                  conv.col2im(cols, x.shape, 3, 3, 1, 1), rtol=1e-12, atol=1e-12)
+
+
+def test_im2col_accepts_non_contiguous_input(emulated, rng):
+    x = rng.normal(size=(3, 2, 5, 6)).transpose(1, 0, 2, 3)  # (2, 3, 5, 6), a strided view
+    numpy.testing.assert_array_equal(cuda.im2col(x, 3, 3, 1, 1), conv.im2col(x, 3, 3, 1, 1))
+
+
+def test_conv_wrappers_reject_bad_input(emulated):
+    x = numpy.zeros((2, 3, 5, 5))
+    with pytest.raises(ValueError, match=r"\(N, C, H, W\)"):
+        cuda.im2col(x[0], 3, 3, 1, 1)
+    with pytest.raises(ValueError, match="does not fit"):
+        cuda.im2col(x, 8, 3, 1, 1)
+    with pytest.raises(ValueError, match=r"expected cols of shape \(27, 50\)"):
+        cuda.col2im(numpy.zeros((27, 49)), x.shape, 3, 3, 1, 1)
+    with pytest.raises(ValueError, match="float32 or float64"):
+        cuda.im2col(x.astype(numpy.int64), 3, 3, 1, 1)
+    assert emulated == []  # nothing launched
+
+
+# --------------------------------------------------------------------------
+# BatchNorm, emulated
+# --------------------------------------------------------------------------
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", BN_SHAPES)
+def test_batchnorm_stats(emulated, shape, dtype, rng):
+    x = _bn_inputs(rng, shape, dtype)[0]
+    mean, var = cuda.batchnorm_forward_stats(x)
+    assert mean.shape == var.shape == (shape[1],) and mean.dtype == var.dtype == x.dtype
+    x64 = x.astype(numpy.float64)
+    tol = {"rtol": 1e-12, "atol": 1e-14} if dtype == numpy.float64 else {"rtol": 1e-5, "atol": 1e-6}
+    numpy.testing.assert_allclose(mean, x64.mean(axis=(0, 2, 3)), **tol)
+    numpy.testing.assert_allclose(var, x64.var(axis=(0, 2, 3)), **tol)  # biased
+    assert emulated == [("bn_stats", *cuda.channel_grid(shape[1]))]
+
+
+def test_batchnorm_variance_two_pass_is_robust(emulated, rng):
+    """|mean| >> std in float32: E[x^2] - mean^2 would lose every digit of the variance."""
+    x = (1000 + rng.normal(size=(8, 2, 6, 6))).astype(numpy.float32)
+    _, var = cuda.batchnorm_forward_stats(x)
+    numpy.testing.assert_allclose(var, x.astype(numpy.float64).var(axis=(0, 2, 3)), rtol=1e-3)
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", BN_SHAPES)
+def test_batchnorm_forward(emulated, shape, dtype, training, rng):
+    x, gamma, beta = _bn_inputs(rng, shape, dtype)
+    tol = {"rtol": 1e-10, "atol": 1e-10} if dtype == numpy.float64 else {"rtol": 1e-4, "atol": 1e-4}
+    for forward in (batchnorm.batchnorm2d_forward, batchnorm.batchnorm2d_forward_naive):
+        out_ref, (x_hat_ref, _, inv_std_ref, _), rm, rv = _reference_bn(forward, x, gamma, beta, training, rng)
+        out, x_hat, inv_std = _kernel_bn_forward(x, gamma, beta, rm, rv, training)
+        assert out.dtype == x_hat.dtype == x.dtype and out.shape == x_hat.shape == x.shape
+        assert out.flags.c_contiguous and x_hat.flags.c_contiguous
+        numpy.testing.assert_allclose(inv_std, inv_std_ref, **tol)
+        numpy.testing.assert_allclose(x_hat, x_hat_ref, **tol)
+        numpy.testing.assert_allclose(out, out_ref, **tol)
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", BN_SHAPES)
+def test_batchnorm_backward(emulated, shape, dtype, training, rng):
+    x, gamma, beta = _bn_inputs(rng, shape, dtype)
+    _, cache, *_ = _reference_bn(batchnorm.batchnorm2d_forward, x, gamma, beta, training, rng)
+    x_hat, _, inv_std, _ = cache
+    dout = rng.normal(size=shape).astype(dtype)  # random upstream gradient, never all ones
+    dx, dgamma, dbeta = cuda.batchnorm_backward(dout, x_hat, gamma, inv_std, training)
+    assert dx.shape == shape and dx.dtype == dtype and dx.flags.c_contiguous
+    assert dgamma.shape == dbeta.shape == (shape[1],) and dgamma.dtype == dbeta.dtype == dtype
+    tol = {"rtol": 1e-9, "atol": 1e-10} if dtype == numpy.float64 else {"rtol": 1e-3, "atol": 1e-4}
+    for backward in (batchnorm.batchnorm2d_backward, batchnorm.batchnorm2d_backward_naive):
+        dx_ref, dgamma_ref, dbeta_ref = backward(dout, cache)
+        numpy.testing.assert_allclose(dx, dx_ref, **tol)
+        numpy.testing.assert_allclose(dgamma, dgamma_ref, **tol)
+        numpy.testing.assert_allclose(dbeta, dbeta_ref, **tol)
+    assert emulated == [("bn_backward_sums", *cuda.channel_grid(shape[1])),
+                        ("bn_backward_dx", *cuda.elementwise_grid(dx.size))]
+
+
+def test_batchnorm_backward_matches_numerical_gradient(emulated, rng):
+    """dx of the kernels against centred differences of sum(dout * out), float64."""
+    x, gamma, beta = _bn_inputs(rng, (2, 2, 3, 2), numpy.float64)
+    dout = rng.normal(size=x.shape)
+    zeros = numpy.zeros(2)
+
+    def loss(x):
+        return numpy.sum(dout * _kernel_bn_forward(x, gamma, beta, zeros, zeros, True)[0])
+
+    _, x_hat, inv_std = _kernel_bn_forward(x, gamma, beta, zeros, zeros, True)
+    dx = cuda.batchnorm_backward(dout, x_hat, gamma, inv_std, True)[0]
+    numeric = numpy.zeros_like(x)
+    h = 1e-6
+    for k in numpy.ndindex(x.shape):
+        step = numpy.zeros_like(x)
+        step[k] = h
+        numeric[k] = (loss(x + step) - loss(x - step)) / (2 * h)
+    numpy.testing.assert_allclose(dx, numeric, rtol=1e-6, atol=1e-8)
+
+
+# (blocks, threads): fewer blocks than channels, more, and non-power-of-two
+# block sizes. Threads > 1 run as real OS threads meeting at __syncthreads.
+@pytest.mark.parametrize("shape", [(1, 1), (2, 3), (7, 4), (1, 5), (3, 8)])
+def test_batchnorm_reductions_any_launch_shape(emulated, shape, rng):
+    emulated.shape = shape
+    x, gamma, beta = _bn_inputs(rng, (3, 3, 4, 5), numpy.float64)
+    mean, var = cuda.batchnorm_forward_stats(x)
+    numpy.testing.assert_allclose(mean, x.mean(axis=(0, 2, 3)), rtol=1e-12)
+    numpy.testing.assert_allclose(var, x.var(axis=(0, 2, 3)), rtol=1e-12)
+    _, cache = batchnorm.batchnorm2d_forward(x, gamma, beta, numpy.zeros(3), numpy.ones(3))
+    dout = rng.normal(size=x.shape)
+    for got, expected in zip(cuda.batchnorm_backward(dout, cache[0], gamma, cache[2], True),
+                             batchnorm.batchnorm2d_backward(dout, cache)):
+        numpy.testing.assert_allclose(got, expected, rtol=1e-10, atol=1e-12)
+
+
+def test_batchnorm_wrappers_reject_bad_input(emulated):
+    x = numpy.zeros((2, 3, 4, 4))
+    c = numpy.ones(3)
+    with pytest.raises(ValueError, match=r"gamma of shape \(3,\)"):
+        cuda.batchnorm_normalize(x, c, c, numpy.ones(4), c)
+    with pytest.raises(ValueError, match="one dtype"):
+        cuda.batchnorm_normalize(x, c, c, c.astype(numpy.float32), c)
+    with pytest.raises(ValueError, match="x_hat of shape"):
+        cuda.batchnorm_backward(x, x[:1], c, c, True)
+    with pytest.raises(ValueError, match="no values per channel"):
+        cuda.batchnorm_forward_stats(x[:0])
+    assert emulated == []
+
+
+# --------------------------------------------------------------------------
+# ReLU backward, emulated
+# --------------------------------------------------------------------------
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_relu_backward(emulated, dtype, rng):
+    out = numpy.maximum(rng.normal(size=(3, 4, 5, 5)), 0).astype(dtype)  # about half exact zeros
+    dout = rng.normal(size=out.shape).astype(dtype)
+    dout[0, 0, 0, :2] = numpy.nan  # NaNs stay visible, as in the NumPy version
+    dx = cuda.relu_backward(dout, out)
+    assert dx.dtype == dtype and dx.flags.c_contiguous
+    numpy.testing.assert_array_equal(dx, activation.relu_backward(dout, out))
+
+
+def test_relu_backward_rejects_mismatched_shapes(emulated):
+    with pytest.raises(ValueError, match="expected dout of shape"):
+        cuda.relu_backward(numpy.zeros((2, 3)), numpy.zeros((3, 2)))
+
+
+# --------------------------------------------------------------------------
+# the real kernels on a GPU
+# --------------------------------------------------------------------------
+@pytest.fixture
+def cp():
+    cupy = pytest.importorskip("cupy")
+    if not backend.cupy_available():
+        pytest.skip("CuPy found no GPU")
+    return cupy
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("case", CONV_CASES + [(8, 16, 32, 32, 3, 3, 1, 1)])  # last: > MAX_BLOCKS * THREADS
+def test_gpu_im2col_col2im(cp, case, dtype, rng):
+    N, C, H, W, kh, kw, stride, padding = case
+    x = rng.normal(size=(N, C, H, W)).astype(dtype)
+    cols = cuda.im2col(cp.asarray(x), kh, kw, stride, padding)
+    assert isinstance(cols, cp.ndarray) and cols.flags.c_contiguous
+    numpy.testing.assert_array_equal(cp.asnumpy(cols), conv.im2col(x, kh, kw, stride, padding))
+    dcols = rng.normal(size=cols.shape).astype(dtype)
+    dx = cuda.col2im(cp.asarray(dcols), x.shape, kh, kw, stride, padding)
+    numpy.testing.assert_allclose(cp.asnumpy(dx), conv.col2im(dcols, x.shape, kh, kw, stride, padding),
+                                  **_tol(dtype))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", BN_SHAPES + [(64, 16, 32, 32)])
+def test_gpu_batchnorm(cp, shape, dtype, training, rng):
+    x, gamma, beta = _bn_inputs(rng, shape, dtype)
+    out_ref, cache, rm, rv = _reference_bn(batchnorm.batchnorm2d_forward, x, gamma, beta, training, rng)
+    x_hat_ref, _, inv_std_ref, _ = cache
+    g, b = cp.asarray(gamma), cp.asarray(beta)
+    if training:
+        mean, var = cuda.batchnorm_forward_stats(cp.asarray(x))
+    else:
+        mean, var = cp.asarray(rm), cp.asarray(rv)
+    inv_std = 1 / cp.sqrt(var + dtype(1e-5))
+    x_hat, out = cuda.batchnorm_normalize(cp.asarray(x), mean, inv_std, g, b)
+    tol = {"rtol": 1e-10, "atol": 1e-10} if dtype == numpy.float64 else {"rtol": 1e-4, "atol": 1e-4}
+    numpy.testing.assert_allclose(cp.asnumpy(inv_std), inv_std_ref, **tol)
+    numpy.testing.assert_allclose(cp.asnumpy(x_hat), x_hat_ref, **tol)
+    numpy.testing.assert_allclose(cp.asnumpy(out), out_ref, **tol)
+
+    dout = rng.normal(size=shape).astype(dtype)
+    grads = cuda.batchnorm_backward(cp.asarray(dout), cp.asarray(x_hat_ref), g, cp.asarray(inv_std_ref), training)
+    for got, expected in zip(grads, batchnorm.batchnorm2d_backward(dout, cache)):
+        numpy.testing.assert_allclose(cp.asnumpy(got), expected, **(tol if dtype == numpy.float64 else
+                                                                    {"rtol": 1e-3, "atol": 1e-3}))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("launch", [(1, 1), (3, 7), (5, 32)])
+def test_gpu_kernels_any_launch_shape(cp, launch, rng):
+    """The real kernels on odd launch shapes (non-power-of-two blocks, fewer blocks than channels)."""
+    x = rng.normal(size=(3, 6, 5, 7))
+    geometry = cuda.conv_geometry(x.shape, 3, 2, (2, 1), (1, 2))
+    expected = conv.im2col(x, 3, 2, (2, 1), (1, 2))
+    cols = cp.full(expected.shape, cp.nan)
+    kernel = cuda._module("float64").get_function
+    kernel("im2col")((launch[0],), (launch[1],), cuda.kernel_args((cp.asarray(x), cols) + geometry))
+    numpy.testing.assert_array_equal(cp.asnumpy(cols), expected)
+    mean, var = cp.full(6, cp.nan), cp.full(6, cp.nan)
+    kernel("bn_stats")((launch[0],), (launch[1],), cuda.kernel_args((cp.asarray(x), mean, var, 3, 6, 35)))
+    numpy.testing.assert_allclose(cp.asnumpy(mean), x.mean(axis=(0, 2, 3)), rtol=1e-12)
+    numpy.testing.assert_allclose(cp.asnumpy(var), x.var(axis=(0, 2, 3)), rtol=1e-12)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_gpu_relu_backward(cp, dtype, rng):
+    out = numpy.maximum(rng.normal(size=(4, 8, 6, 6)), 0).astype(dtype)
+    dout = rng.normal(size=out.shape).astype(dtype)
+    dx = cuda.relu_backward(cp.asarray(dout), cp.asarray(out))
+    numpy.testing.assert_array_equal(cp.asnumpy(dx), activation.relu_backward(dout, out))
