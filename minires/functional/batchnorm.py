@@ -21,6 +21,8 @@ Backward (training), closed form, with dbeta = sum dout and dgamma = sum dout*x_
 The two sums are how the gradient reaches x through mean and var: every x of a
 channel influences every output of that channel.
 """
+import numpy
+
 from ..backend import get_array_module
 from ..parallel import chunks_of, map_chunks
 
@@ -71,6 +73,14 @@ def _chunks(xp, x3):
     return chunks_of(xp, x3, CHUNK_BYTES)
 
 
+def _update_running(running_mean, running_var, mean, var, momentum, m):
+    """running <- (1 - momentum) running + momentum batch, in place; var unbiased (PyTorch)."""
+    running_mean *= 1 - momentum
+    running_mean += momentum * mean
+    running_var *= 1 - momentum
+    running_var += (momentum * m / (m - 1)) * var
+
+
 def batchnorm2d_forward(x, gamma, beta, running_mean, running_var,
                         momentum=0.1, eps=1e-5, training=True):
     """Normalize x (N, C, H, W) per channel; returns (out, cache).
@@ -93,6 +103,15 @@ def batchnorm2d_forward(x, gamma, beta, running_mean, running_var,
         raise ValueError(
             f"batchnorm2d: training needs more than one value per channel, got x of shape {tuple(x.shape)}"
         )
+    if xp is not numpy:  # a GPU: two kernel launches (functional/cuda.py)
+        from . import cuda
+        mean, var = cuda.batchnorm_forward_stats(x) if training else (running_mean, running_var)
+        if training:
+            _update_running(running_mean, running_var, mean, var, momentum, m)
+        inv_std = 1 / xp.sqrt(var + eps)
+        x_hat, out = cuda.batchnorm_normalize(x, mean, inv_std, gamma, beta)
+        return out, (x_hat, gamma, inv_std, training)
+
     chunks = _chunks(xp, x3)
     if training:
         mean = sum(map_chunks(lambda c: _channel_sum(x3[c]), chunks)) / m
@@ -107,10 +126,7 @@ def batchnorm2d_forward(x, gamma, beta, running_mean, running_var,
     squares = map_chunks(center, chunks)
     if training:
         var = sum(squares) / m                     # biased
-        running_mean *= 1 - momentum
-        running_mean += momentum * mean
-        running_var *= 1 - momentum
-        running_var += (momentum * m / (m - 1)) * var  # unbiased estimate, as PyTorch
+        _update_running(running_mean, running_var, mean, var, momentum, m)
     else:
         var = running_var
     inv_std = 1 / xp.sqrt(var + eps)
@@ -132,7 +148,11 @@ def batchnorm2d_backward(dout, cache):
     the closed form of the module docstring with the 1/M moved inside.
     Two passes over chunks of the batch on all CPU cores: the two sums, then
     dx. One full-size array is allocated (dx); dout and x_hat are only read.
+    On a GPU, two kernel launches (functional/cuda.py).
     """
+    if get_array_module(dout, cache[0]) is not numpy:
+        from .cuda import batchnorm_backward as batchnorm_backward_kernel
+        return batchnorm_backward_kernel(dout, *cache)
     # BEGIN ASSIGNMENT batchnorm2d_backward
     x_hat, gamma, inv_std, training = cache
     xp = get_array_module(dout, x_hat)

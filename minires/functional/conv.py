@@ -61,9 +61,10 @@ from ..backend import get_array_module
 from ..parallel import batch_chunks, map_chunks, scratch
 
 #: Target size in bytes of one chunk of the column matrix (fast path, NumPy).
-#: Measured on 2 cores (2 MiB L2 each), ResNet-20 convolutions, batch 128:
-#: 4 MiB is best; 2 MiB costs ~8%, 1 MiB ~40% (per-chunk overhead), 16 MiB ~30%.
-CHUNK_BYTES = 4 << 20
+#: Measured on 2 cores (2 MiB L2 each), whole ResNet-20 training step, batch
+#: 128: 8 MiB is best; 4 MiB costs ~5%, 2 MiB ~15%, 1 MiB ~50% (per-chunk
+#: overhead), 16 MiB ~40%.
+CHUNK_BYTES = 8 << 20
 
 
 # --------------------------------------------------------------------------
@@ -209,9 +210,12 @@ def im2col(x, kh, kw, stride, padding):
     """Column matrix of x: cols[(c, i, j), (n, y, x)] = x_pad[n, c, y*sh + i, x*sw + j].
 
     x (N, C, H, W) -> cols (C*kh*kw, N*Ho*Wo). Built by copying a strided view
-    (no Python loop at all).
+    (no Python loop at all); on a GPU by one kernel launch (:mod:`.cuda`).
     """
     xp = get_array_module(x)
+    if xp is not numpy:
+        from .cuda import im2col as im2col_kernel  # imported here: cuda.py imports this module
+        return im2col_kernel(x, kh, kw, stride, padding)
     (sh, sw), (ph, pw) = _pair(stride, "stride", 1), _pair(padding, "padding", 0)
     N, C, H, W = x.shape
     Ho, Wo = (H + 2 * ph - kh) // sh + 1, (W + 2 * pw - kw) // sw + 1
@@ -244,9 +248,12 @@ def col2im(cols, x_shape, kh, kw, stride, padding):
     """Adjoint of :func:`im2col`: add every column entry back onto its pixel.
 
     cols (C*kh*kw, N*Ho*Wo) -> dx (N, C, H, W); where windows overlap their
-    contributions add up.
+    contributions add up. On a GPU one kernel launch (:mod:`.cuda`).
     """
     xp = get_array_module(cols)
+    if xp is not numpy:
+        from .cuda import col2im as col2im_kernel
+        return col2im_kernel(cols, x_shape, kh, kw, stride, padding)
     (sh, sw), (ph, pw) = _pair(stride, "stride", 1), _pair(padding, "padding", 0)
     N, C, H, W = x_shape
     dx_pad = _col2im_padded(cols, x_shape, kh, kw, sh, sw, ph, pw)
@@ -344,7 +351,7 @@ def _forward_chunk(x, w_mat, kh, kw, stride, padding, out_hw):
     xp = get_array_module(x)
     n, F = x.shape[0], w_mat.shape[0]
     Ho, Wo = out_hw
-    if _is_same(kh, kw, stride, padding):
+    if xp is numpy and _is_same(kh, kw, stride, padding):  # (a GPU: im2col's one kernel)
         cols = _same_im2col(x, kh, kw)
         out_mat = scratch(xp, "out", (F, cols.shape[1]), xp.result_type(w_mat, cols))
         xp.matmul(w_mat, cols, out=out_mat)
@@ -361,15 +368,14 @@ def _backward_chunk(dout, x, w, stride, padding):
     C, H, W = x.shape[1:]
     kh, kw = w.shape[2:]
     (ph, pw) = padding
-    if not _is_same(kh, kw, stride, padding):
+    if xp is not numpy or not _is_same(kh, kw, stride, padding):
         cols = im2col(x, kh, kw, stride, padding)
         dout_mat = dout.transpose(1, 0, 2, 3).reshape(F, -1)
         # dw_mat = dout_mat @ cols.T, computed as (cols @ dout_mat.T).T: the
         # same GEMM, but OpenBLAS runs this orientation 1.3-1.7x faster for
         # F = 64..16 (a tall-skinny output instead of a short-wide one).
         dw_mat = (cols @ dout_mat.T).T
-        dx_pad = _col2im_padded(w.reshape(F, -1).T @ dout_mat, x.shape, kh, kw, *stride, *padding)
-        return dx_pad[:, :, ph:ph + H, pw:pw + W].transpose(1, 0, 2, 3), dw_mat
+        return col2im(w.reshape(F, -1).T @ dout_mat, x.shape, kh, kw, stride, padding), dw_mat
 
     # "Same" convolution: dx is itself a "same" convolution, of dout with the
     # kernel flipped and its in/out channels swapped (docs/backward/conv2d.md),
