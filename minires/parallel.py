@@ -94,15 +94,25 @@ def _executor(threads):
     return _pool
 
 
+#: The number of chunks is a multiple of this (where the batch allows), so that
+#: 2 or 4 worker threads get equal shares. It does not depend on the actual
+#: number of threads, so neither do the chunks, nor the rounding of sums over them.
+CHUNKS_MULTIPLE = 4
+
+
 def batch_chunks(xp, N, bytes_per_item, target_bytes):
-    """Slices of range(N) holding about ``target_bytes`` each; one slice on a GPU.
+    """Equal slices of range(N) holding about ``target_bytes`` each; one slice on a GPU.
 
     ``bytes_per_item`` is the work memory one item (one image) needs.
     """
     if xp is not numpy:
         return [slice(0, N)]
-    step = max(1, target_bytes // max(1, bytes_per_item))
-    return [slice(lo, min(N, lo + step)) for lo in range(0, N, step)]
+    count = -(-N * bytes_per_item // max(1, target_bytes))   # ceil: chunks of <= target_bytes
+    if count > 1:  # (small work stays one chunk)
+        count = min(N, -(-count // CHUNKS_MULTIPLE) * CHUNKS_MULTIPLE)
+    count = max(1, count)
+    bounds = [N * k // count for k in range(count + 1)]
+    return [slice(lo, hi) for lo, hi in zip(bounds, bounds[1:])]
 
 
 def chunks_of(xp, a, target_bytes=1 << 20):

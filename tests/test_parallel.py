@@ -22,10 +22,28 @@ def threads():
     parallel.set_num_threads(saved)
 
 
+@pytest.mark.parametrize("N, per_item, target", [(103, 8, 80), (128, 604_160, 8 << 20), (3, 10, 1),
+                                                   (128, 150_528, 8 << 20), (10, 1, 1 << 20)])
+def test_batch_chunks_are_equal_and_cover_the_batch(N, per_item, target):
+    chunks = parallel.batch_chunks(numpy, N, per_item, target)
+    assert chunks[0].start == 0 and chunks[-1].stop == N
+    assert all(a.stop == b.start for a, b in zip(chunks, chunks[1:]))
+    sizes = [c.stop - c.start for c in chunks]
+    assert max(sizes) - min(sizes) <= 1 and min(sizes) >= 1
+    assert max(sizes) * per_item <= max(target, per_item)  # about target_bytes, never much more
+    # a multiple of 4 chunks (equal shares for 2 or 4 threads), unless one is enough or N is smaller
+    assert len(chunks) == 1 or len(chunks) % parallel.CHUNKS_MULTIPLE == 0 or len(chunks) == N
+
+
+def test_one_chunk_on_a_gpu():
+    class FakeCupy:
+        pass
+    assert parallel.batch_chunks(FakeCupy, 128, 10 << 20, 1) == [slice(0, 128)]
+
+
 def test_map_chunks_returns_results_in_chunk_order(threads):
     threads(4)
-    chunks = parallel.batch_chunks(numpy, 103, 8, 80)  # 10 items per chunk
-    assert chunks[0] == slice(0, 10) and chunks[-1] == slice(100, 103)
+    chunks = parallel.batch_chunks(numpy, 103, 8, 80)
     assert parallel.map_chunks(lambda c: (c.start, c.stop), chunks) == [(c.start, c.stop) for c in chunks]
 
 
