@@ -21,9 +21,13 @@ system when they are freed.
 
 The number of threads is ``MINIRES_NUM_THREADS`` if set, else the number of
 CPUs this process may use; :func:`set_num_threads` changes it. BLAS is
-limited through the small ``threadpoolctl`` package; without it, BLAS's own
-threads would fight ours for the cores, so the chunks then simply run one
-after another. None of this applies to CuPy: a GPU gets one big chunk.
+limited through the small ``threadpoolctl`` package, which works for the
+pthreads OpenBLAS that NumPy's wheels ship: one process-wide thread count,
+set here and obeyed by the workers. Without threadpoolctl, or with another
+BLAS (an OpenMP build keeps one count per thread; Accelerate cannot be
+limited), BLAS's own threads would fight ours for the cores, so the chunks
+then simply run one after another. None of this applies to CuPy: a GPU
+gets one big chunk.
 """
 import os
 import threading
@@ -35,8 +39,9 @@ _num_threads = None      # None: not decided yet (see num_threads)
 _pool = None             # the ThreadPoolExecutor, created on first use
 _pool_key = None         # (pid, threads) the pool was made for
 _blas = None             # threadpoolctl controller, False when unavailable
-_inside = threading.local()  # set in worker threads: no nested pools
-_buffers = threading.local()  # each thread's scratch arrays, by name
+_inside = threading.local()  # .worker is True in worker threads: no nested pools
+_buffers = threading.local()  # .arrays: each thread's scratch arrays, by (name, dtype)
+_lock = threading.Lock()      # one map_chunks at a time sets and restores the BLAS limit
 
 
 def num_threads():
@@ -51,7 +56,9 @@ def num_threads():
                 raise ValueError(f"MINIRES_NUM_THREADS: {err}") from None
         else:
             try:
-                _num_threads = len(os.sched_getaffinity(0))  # honours taskset / containers
+                # honours taskset and cpusets, not CPU quotas (docker --cpus):
+                # set MINIRES_NUM_THREADS there
+                _num_threads = len(os.sched_getaffinity(0))
             except AttributeError:  # not on Linux
                 _num_threads = os.cpu_count() or 1
     return _num_threads
@@ -70,15 +77,26 @@ def set_num_threads(n):
 
 
 def _blas_controller():
-    """threadpoolctl's controller (finds the BLAS libraries once), or False."""
+    """threadpoolctl's controller of NumPy's BLAS (found once), or False.
+
+    False unless every BLAS library loaded is a pthreads build (one thread
+    count for the whole process, which the workers then obey).
+    """
     global _blas
     if _blas is None:
         try:
             from threadpoolctl import ThreadpoolController
-            _blas = ThreadpoolController()
         except ImportError:
             _blas = False
+            return _blas
+        blas = ThreadpoolController().select(user_api="blas")
+        layers = [lib.info().get("threading_layer") for lib in blas.lib_controllers]
+        _blas = blas if layers and all(layer == "pthreads" for layer in layers) else False
     return _blas
+
+
+def _mark_worker_thread():
+    _inside.worker = True
 
 
 def _executor(threads):
@@ -89,7 +107,7 @@ def _executor(threads):
         if _pool is not None and _pool_key[0] == key[0]:
             _pool.shutdown(wait=False)  # the thread count changed
         _pool = ThreadPoolExecutor(threads, thread_name_prefix="minires",
-                                   initializer=setattr, initargs=(_inside, "worker", True))
+                                   initializer=_mark_worker_thread)
         _pool_key = key
     return _pool
 
@@ -101,9 +119,10 @@ CHUNKS_MULTIPLE = 4
 
 
 def batch_chunks(xp, N, bytes_per_item, target_bytes):
-    """Equal slices of range(N) holding about ``target_bytes`` each; one slice on a GPU.
+    """Equal slices of range(N) holding at most ``target_bytes`` each; one slice on a GPU.
 
-    ``bytes_per_item`` is the work memory one item (one image) needs.
+    ``bytes_per_item`` is the work memory one item (one image) needs. (A
+    single item larger than ``target_bytes`` still makes a chunk of its own.)
     """
     if xp is not numpy:
         return [slice(0, N)]
@@ -123,7 +142,8 @@ def chunks_of(xp, a, target_bytes=1 << 20):
     """
     if a.ndim == 0:
         return [Ellipsis]
-    return batch_chunks(xp, a.shape[0], a[0].nbytes, target_bytes)
+    per_item = a.nbytes // a.shape[0] if a.shape[0] else 0
+    return batch_chunks(xp, a.shape[0], per_item, target_bytes)
 
 
 def map_chunks(fn, chunks):
@@ -137,7 +157,9 @@ def map_chunks(fn, chunks):
     blas = _blas_controller() if threads > 1 else False
     if threads < 2 or not blas or getattr(_inside, "worker", False):
         return [fn(chunk) for chunk in chunks]
-    with blas.limit(limits=1, user_api="blas"):  # one BLAS thread per worker
+    # The lock: two callers at once would each save and restore the BLAS
+    # thread count, and could leave it at 1 for good.
+    with _lock, blas.limit(limits=1):  # one BLAS thread per worker
         return list(_executor(num_threads()).map(fn, chunks))
 
 
@@ -156,7 +178,9 @@ def scratch(xp, name, shape, dtype):
     for extent in shape:
         size *= int(extent)
     key = (name, dtype.str)
-    store = _buffers.__dict__
+    if not hasattr(_buffers, "arrays"):
+        _buffers.arrays = {}  # first call in this thread
+    store = _buffers.arrays
     buf = store.get(key)
     if buf is None or buf.size < size:
         buf = store[key] = numpy.empty(size, dtype=dtype)

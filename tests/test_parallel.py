@@ -5,6 +5,7 @@ threads, bit for bit (each chunk writes its own slice; partial sums are added
 in chunk order).
 """
 import threading
+import time
 
 import numpy
 import pytest
@@ -148,3 +149,36 @@ def test_results_do_not_depend_on_the_thread_count(threads, monkeypatch):
         for a, b in zip(runs[0], other):
             assert a.dtype == numpy.float32
             assert numpy.array_equal(a, b)  # bit for bit
+
+
+def test_two_callers_at_once_leave_the_blas_threads_as_they_were(threads):
+    threads(2)
+    blas = parallel._blas_controller()
+    if not blas:
+        pytest.skip("no pthreads BLAS that threadpoolctl can limit")
+    before = [lib.num_threads for lib in blas.lib_controllers]
+    start = threading.Barrier(2)
+
+    def caller():
+        start.wait()
+        for i in range(20):
+            parallel.map_chunks(lambda c: time.sleep(0.001 * (c + i % 3)), range(4))  # overlapping calls
+
+    callers = [threading.Thread(target=caller) for _ in range(2)]
+    for t in callers:
+        t.start()
+    for t in callers:
+        t.join()
+    assert [lib.num_threads for lib in blas.lib_controllers] == before
+
+
+def test_relu_of_an_empty_batch():
+    x = numpy.zeros((0, 3), numpy.float32)
+    out, cache = relu_forward(x)
+    assert out.shape == (0, 3) and relu_backward(out, cache).shape == (0, 3)
+
+
+def test_relu_backward_refuses_a_dout_of_another_shape():
+    out, cache = relu_forward(numpy.ones((2, 3), numpy.float32))
+    with pytest.raises(ValueError, match=r"expected dout of shape \(2, 3\)"):
+        relu_backward(numpy.ones((1, 3), numpy.float32), cache)
