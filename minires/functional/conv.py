@@ -56,14 +56,16 @@ Speed notes for the fast path (why the code looks the way it does):
   use the general strided-view :func:`im2col` / :func:`col2im`.
 """
 import numpy
+from numpy.lib.stride_tricks import as_strided  # fast path only: on a GPU, cuda.py's kernels
 
 from ..backend import get_array_module
 from ..parallel import batch_chunks, map_chunks, scratch
 
-#: Target size in bytes of one chunk of the column matrix (fast path, NumPy).
-#: Measured on 2 cores (2 MiB L2 each), whole ResNet-20 training step, batch
-#: 128: 8 MiB is best; 4 MiB costs ~5%, 2 MiB ~15%, 1 MiB ~50% (per-chunk
-#: overhead), 16 MiB ~40%.
+#: Most bytes of the column matrix in one chunk (fast path, NumPy). The number
+#: of chunks is rounded up to a multiple of 4 (minires.parallel.batch_chunks),
+#: so ResNet-20's chunks hold 4.5-5.6 MiB. Measured on 2 cores (2 MiB L2 each),
+#: whole training step, batch 128: 6-8 MiB best; 4 MiB ~5% slower, 12 MiB
+#: ~20%, 1 MiB ~50% (per-chunk overhead).
 CHUNK_BYTES = 8 << 20
 
 
@@ -171,14 +173,6 @@ def conv2d_backward_naive(dout, cache):
 # --------------------------------------------------------------------------
 # im2col / col2im (columns laid out (C*kh*kw, N*Ho*Wo))
 # --------------------------------------------------------------------------
-def _as_strided(xp, a, shape, strides):
-    """A view of ``a``'s memory with any shape and (byte) strides, on either backend."""
-    if xp is numpy:
-        from numpy.lib.stride_tricks import as_strided
-    else:
-        from cupy.lib.stride_tricks import as_strided  # same function on the GPU
-    return as_strided(a, shape=shape, strides=strides)
-
 
 def _pad_channels_first(x, ph, pw):
     """Zero-padded copy of x with channels first: (C, N, Hp, Wp).
@@ -200,10 +194,9 @@ def _window_view(grid, kh, kw, sh, sw, Ho, Wo):
     the same memory is just read with other strides (an offset of i rows is i
     row-strides, an output step of y rows is y*sh row-strides).
     """
-    xp = get_array_module(grid)
     sc, sn, sy, sx = grid.strides
     C, N = grid.shape[:2]
-    return _as_strided(xp, grid, (C, kh, kw, N, Ho, Wo), (sc, sy, sx, sn, sy * sh, sx * sw))
+    return as_strided(grid, (C, kh, kw, N, Ho, Wo), (sc, sy, sx, sn, sy * sh, sx * sw))
 
 
 def im2col(x, kh, kw, stride, padding):
@@ -291,6 +284,20 @@ def _same_line(x, ph, pw, name):
     return line
 
 
+def _wrapped_columns(W, shift):
+    """The image columns a kernel column reading pixel x + shift reaches only by wrapping.
+
+    On the line, the pixel left of x = 0 is the last pixel of the row above.
+    So with shift = -1 (the left column of a 3x3 kernel) column W-1 is read
+    only by the windows at x = 0, which should see a padding zero; with
+    shift = +1 column 0 is read only from x = W-1. For W = 4: shift -1 ->
+    columns 3:4, shift +1 -> columns 0:1, shift 0 -> none.
+    """
+    if shift < 0:
+        return slice(max(0, W + shift), W)
+    return slice(0, min(W, shift))
+
+
 def _same_cols(line, kh, kw, n, H, W):
     """Columns (C*kh*kw, n*H*W) of a stride-1 "same" convolution, from :func:`_same_line`.
 
@@ -309,19 +316,21 @@ def _same_cols(line, kh, kw, n, H, W):
     afterwards, a few contiguous slices.
     """
     xp = get_array_module(line)
-    C, L = line.shape
+    C = line.shape[0]
     ph, pw = (kh - 1) // 2, (kw - 1) // 2
     lead, P = ph * W + pw, n * H * W
+    if kh == kw == 1:
+        return line[:, :P]  # a 1x1 kernel: the line is the column matrix
     cols = scratch(xp, "cols", (C * kh * kw, P), line.dtype)
     by_offset = cols.reshape(C, kh, kw, P)
     pixels = line[:, lead:lead + P].reshape(C, n * H, W)  # by image row
-    sc, sq = line.strides
+    channel_stride, item_stride = line.strides
     for j in range(kw):
-        shift = j - pw  # kernel column j reads pixel x + shift
-        wrapped = slice(max(0, W + shift), W) if shift < 0 else slice(0, min(W, shift))
+        wrapped = _wrapped_columns(W, j - pw)
         saved = pixels[:, :, wrapped].copy()
         pixels[:, :, wrapped] = 0
-        rows_j = _as_strided(xp, line[:, j:], (C, kh, P), (sc, W * sq, sq))  # row (c, i) at i*W + j
+        # row (c, i) of kernel column j: line[c, i*W + j : ... + P], one strided view
+        rows_j = as_strided(line[:, j:], (C, kh, P), (channel_stride, W * item_stride, item_stride))
         by_offset[:, :, j] = rows_j  # the copy
         pixels[:, :, wrapped] = saved
     by_pixel = cols.reshape(C, kh, kw, n, H, W)
@@ -394,9 +403,8 @@ def _backward_chunk(dout, x, w, stride, padding):
     return dx_mat.reshape(C, n, H, W).transpose(1, 0, 2, 3), dw_mat
 
 
-def _cols_bytes_per_image(x_shape, w_shape, stride, padding, out_hw, itemsize):
-    C, H, W = x_shape[1:]
-    kh, kw = w_shape[2:]
+def _bytes_per_image(C, kh, kw, out_hw, itemsize):
+    """Column-matrix bytes for one image: C*kh*kw rows of Ho*Wo positions."""
     return C * kh * kw * out_hw[0] * out_hw[1] * itemsize
 
 
@@ -411,7 +419,7 @@ def conv2d_forward(x, w, b=None, stride=1, padding=0):
     N, F, kh, kw = x.shape[0], w.shape[0], w.shape[2], w.shape[3]
     w_mat = w.reshape(F, -1)
     out = xp.empty((N, F, Ho, Wo), dtype=xp.result_type(x, w))
-    per_image = _cols_bytes_per_image(x.shape, w.shape, stride, padding, (Ho, Wo), x.itemsize)
+    per_image = _bytes_per_image(x.shape[1], kh, kw, (Ho, Wo), x.itemsize)
 
     def one_chunk(chunk):  # each chunk writes its own slice of out
         out[chunk] = _forward_chunk(x[chunk], w_mat, kh, kw, stride, padding, (Ho, Wo))
@@ -428,12 +436,13 @@ def conv2d_backward(dout, cache):
     x, w, b, stride, padding = cache
     xp = get_array_module(dout, x, w)
     N, F, kh, kw = x.shape[0], w.shape[0], w.shape[2], w.shape[3]
-    _, _, out_hw = _conv_geometry(x, w, b, stride, padding)
+    stride, padding, out_hw = _conv_geometry(x, w, b, stride, padding)
     _check_dout(dout, (N, F) + out_hw)
     w_mat = w.reshape(F, -1)
     dx = xp.empty(x.shape, dtype=xp.result_type(dout, w))
     dw_mat = xp.zeros(w_mat.shape, dtype=xp.result_type(dout, x))
-    per_image = _cols_bytes_per_image(x.shape, w.shape, stride, padding, out_hw, x.itemsize)
+    # the "same" path also builds dout's columns: F*kh*kw rows (more than x's when F > C)
+    per_image = _bytes_per_image(max(x.shape[1], F), kh, kw, out_hw, x.itemsize)
 
     def one_chunk(chunk):  # writes its slice of dx, returns its share of dw
         dx[chunk], dw_chunk = _backward_chunk(dout[chunk], x[chunk], w, stride, padding)
