@@ -29,12 +29,17 @@ def relu_backward(dout, cache):
 
     On a GPU one kernel launch (functional/cuda.py) instead of a mask and a product.
     """
-    if get_array_module(dout, cache) is not numpy:
-        from .cuda import relu_backward as relu_backward_kernel
-        return relu_backward_kernel(dout, cache)
+    if getattr(dout, "shape", None) != cache.shape:  # a smaller dout would broadcast silently
+        raise ValueError(
+            f"relu backward: expected dout of shape {tuple(cache.shape)} (the forward's output), "
+            f"got shape {tuple(getattr(dout, 'shape', ()))}"
+        )
     # BEGIN ASSIGNMENT relu_backward
     out = cache
     xp = get_array_module(dout, out)
+    if xp is not numpy:
+        from .cuda import relu_backward as relu_backward_kernel
+        return relu_backward_kernel(dout, out)
     dx = xp.empty_like(dout)
     # dx = dout * (out > 0), chunk by chunk on all CPU cores
     map_chunks(lambda c: xp.multiply(dout[c], out[c] > 0, out=dx[c]), chunks_of(xp, dx))
