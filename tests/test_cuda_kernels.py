@@ -413,3 +413,12 @@ def test_gpu_relu_backward(cp, dtype, rng):
     dout = rng.normal(size=out.shape).astype(dtype)
     dx = cuda.relu_backward(cp.asarray(dout), cp.asarray(out))
     numpy.testing.assert_array_equal(cp.asnumpy(dx), activation.relu_backward(dout, out))
+
+
+def test_conv_geometry_hands_the_kernels_plain_ints():
+    """A NumPy integer would reach the kernel at its own size (8 bytes), not as a C int."""
+    from minires.functional import cuda
+    args = cuda.conv_geometry((2, 3, 5, 5), numpy.int64(3), numpy.int32(3), numpy.int64(1), 1)
+    assert all(type(a) is int for a in args)
+    with pytest.raises(ValueError, match="kernel"):
+        cuda.conv_geometry((2, 3, 5, 5), 2.5, 3, 1, 1)

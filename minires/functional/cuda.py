@@ -3,10 +3,11 @@
 On CuPy the xp code of ``conv.py`` / ``batchnorm.py`` / ``activation.py`` is
 correct but costs many kernel launches per op, each a full pass over memory:
 
-* ``im2col`` replaces :func:`minires.functional.conv.im2col` (a padded copy,
-  then one strided copy per kernel offset: ~20 launches for a 3x3 conv);
-* ``col2im`` replaces :func:`minires.functional.conv.col2im` (a zero fill and
-  one ``+=`` per kernel offset); it *gathers*, so it needs no atomics;
+* ``im2col`` replaces :func:`minires.functional.conv.im2col` (a zero fill, a
+  padded copy and a strided copy: 3 launches, each a pass over memory);
+* ``col2im`` replaces :func:`minires.functional.conv.col2im` (a zero fill, one
+  ``+=`` per kernel offset and a cropping copy: 11 launches for 3x3); it
+  *gathers*, so it needs no atomics;
 * ``bn_stats`` + ``bn_normalize`` replace the BatchNorm forward (mean, var,
   centre, scale, shift: ~10 launches), ``bn_backward_sums`` + ``bn_backward_dx``
   its backward (``batchnorm2d_forward`` / ``batchnorm2d_backward``);
@@ -278,6 +279,8 @@ def _per_channel(name, C, **vectors):
 def conv_geometry(x_shape, kh, kw, stride, padding):
     """The int arguments (N, C, H, W, kh, kw, sh, sw, ph, pw, Ho, Wo) of im2col / col2im."""
     (sh, sw), (ph, pw) = _pair(stride, "stride", 1), _pair(padding, "padding", 0)
+    (kh, _), (kw, _) = _pair(kh, "kernel height", 1), _pair(kw, "kernel width", 1)  # plain ints:
+    # a NumPy integer would reach the kernel at its own size, not as a C int
     if len(x_shape) != 4:
         raise ValueError(f"im2col/col2im: expected x_shape (N, C, H, W), got {tuple(x_shape)}")
     N, C, H, W = (int(d) for d in x_shape)
