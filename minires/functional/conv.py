@@ -441,8 +441,10 @@ def conv2d_backward(dout, cache):
     w_mat = w.reshape(F, -1)
     dx = xp.empty(x.shape, dtype=xp.result_type(dout, w))
     dw_mat = xp.zeros(w_mat.shape, dtype=xp.result_type(dout, x))
-    # the "same" path also builds dout's columns: F*kh*kw rows (more than x's when F > C)
-    per_image = _bytes_per_image(max(x.shape[1], F), kh, kw, out_hw, x.itemsize)
+    rows = x.shape[1]
+    if _is_same(kh, kw, stride, padding):
+        rows = max(rows, F)  # this path also builds dout's columns, F*kh*kw rows
+    per_image = _bytes_per_image(rows, kh, kw, out_hw, x.itemsize)
 
     def one_chunk(chunk):  # writes its slice of dx, returns its share of dw
         dx[chunk], dw_chunk = _backward_chunk(dout[chunk], x[chunk], w, stride, padding)
