@@ -109,7 +109,7 @@ def batchnorm2d_forward(x, gamma, beta, running_mean, running_var,
         mean, var = cuda.batchnorm_forward_stats(x) if training else (running_mean, running_var)
         if training:
             _update_running(running_mean, running_var, mean, var, momentum, m)
-        inv_std = 1 / xp.sqrt(var + eps)
+        inv_std = (1 / xp.sqrt(var + eps)).astype(x.dtype, copy=False)  # the kernels take one dtype
         x_hat, out = cuda.batchnorm_normalize(x, mean, inv_std, gamma, beta)
         return out, (x_hat, gamma, inv_std, training)
 
