@@ -232,6 +232,15 @@ def train(config, resume=None, log=print):
     if resume:  # check the checkpoint before the (slow) data loading
         model_state, optim_state, meta = load_checkpoint(resume)
         check_model_config(resume, meta, model_config)
+        planned = meta.get("config", {}).get("epochs", config.epochs)
+        if planned != config.epochs and config.schedule != "constant":
+            # The LR schedule was laid out over the planned epochs (a cosine
+            # reaches 0 there): more epochs would silently train at lr 0.
+            raise CheckpointError(
+                f"checkpoint {resume!r} belongs to a run of {planned} epochs, whose learning-rate "
+                f"schedule ends there; --resume carries that run on: use --epochs {planned}, "
+                f"or start a new run to train longer"
+            )
     train_loader, test_loader = load_data(config, info)
     model = build_model(model_config["name"], **{k: v for k, v in model_config.items() if k != "name"})
     loss_fn = CrossEntropyLoss()

@@ -78,6 +78,16 @@ def test_resume_equals_uninterrupted_run(tmp_path, monkeypatch):
 
 
 @needs_data
+def test_resume_refuses_to_stretch_a_finished_schedule(tmp_path):
+    """A cosine schedule ends at lr 0 after the planned epochs: resuming with more
+    epochs would train at lr 0 without a word, so it is refused."""
+    train(tiny(tmp_path / "a", epochs=1), log=lambda *a: None)
+    with pytest.raises(CheckpointError, match="run of 1 epochs.*use --epochs 1"):
+        train(tiny(tmp_path / "b", epochs=2), resume=str(tmp_path / "a" / "checkpoint.npz"),
+              log=lambda *a: None)
+
+
+@needs_data
 def test_same_seed_same_run(tmp_path):
     a = train(tiny(tmp_path / "a", epochs=1), log=lambda *a: None)
     b = train(tiny(tmp_path / "b", epochs=1), log=lambda *a: None)
@@ -104,7 +114,10 @@ def test_nonfinite_is_located():
 
 @needs_data
 def test_divergence_stops_and_keeps_last_checkpoint(tmp_path, monkeypatch):
-    train(tiny(tmp_path, epochs=1), log=lambda *a: None)
+    with monkeypatch.context() as patch:  # a 2-epoch run, stopped during epoch 2
+        interrupt_at_epoch(patch, 2)
+        with pytest.raises(KeyboardInterrupt):
+            train(tiny(tmp_path, epochs=2), log=lambda *a: None)
     before = (tmp_path / "checkpoint.npz").read_bytes()
     from minires import train as train_module
     real_step = train_module.SGD.step
