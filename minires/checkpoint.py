@@ -28,6 +28,13 @@ class CheckpointError(ValueError):
     """A checkpoint file is missing, corrupted, or does not fit the model."""
 
 
+def _umask():
+    """The process's file-creation mask (reading it means setting it, then back)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def save_checkpoint(path, model_state, optim_state=None, meta=None):
     """Atomically write a checkpoint; ``meta`` must be JSON-serializable."""
     arrays = {f"model/{k}": numpy.asarray(v) for k, v in model_state.items()}
@@ -43,6 +50,7 @@ def save_checkpoint(path, model_state, optim_state=None, meta=None):
             numpy.savez(f, **arrays)
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes it private; a checkpoint is an ordinary file
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):

@@ -676,3 +676,15 @@ def test_cli_evaluate_bad_checkpoints(tmp_path, capsys):
         err = capsys.readouterr().err
         assert info.value.code == 2, name
         assert err.count("\n") == 1 and err.startswith("minires evaluate: error: ") and message in err, (name, err)
+
+
+def test_checkpoint_is_readable_like_any_other_file(tmp_path):
+    """mkstemp creates the temporary file 0600; the checkpoint gets the usual umask permissions."""
+    import os
+    import stat
+    from minires.checkpoint import save_checkpoint
+    path = tmp_path / "ckpt.npz"
+    save_checkpoint(str(path), {"w": numpy.zeros(3, numpy.float32)}, meta={})
+    mask = os.umask(0)
+    os.umask(mask)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o666 & ~mask
