@@ -375,7 +375,8 @@ def run_bench(args, print_fn=print):
         raise ValueError(f"--compare torch supports the CIFAR networks ({', '.join(CIFAR_MODELS)}), "
                          f"got {args.model!r}")
     if args.compare == "torch" and importlib.util.find_spec("torch") is None:
-        raise RuntimeError("--compare torch needs PyTorch (pip install torch)")
+        raise RuntimeError("--compare torch needs PyTorch: pip install torch==2.13.0 (the CPU build "
+                           "the tests use), or any build with CUDA for --backend cupy")
     rounds = args.rounds or (3 if args.compare else 1)
     shape = "x".join(map(str, args.input))
     coretype = os.environ.get("OPENBLAS_CORETYPE")
@@ -472,7 +473,7 @@ def _non_negative_int(text):
 def add_parser(sub):
     """Register ``bench`` on the CLI's sub-parsers."""
     p = sub.add_parser("bench", help="time the training step per layer; compare with PyTorch",
-                       description=__doc__.splitlines()[0])
+                       description=" ".join(__doc__.split("\n\n")[0].split()))
     p.add_argument("--model", default="resnet20", metavar="NAME", help="model name (default resnet20)")
     p.add_argument("--batch", type=_positive_int, default=128)
     p.add_argument("--backend", default="numpy", choices=["numpy", "cupy"])
