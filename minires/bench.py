@@ -91,6 +91,12 @@ def _phase_report(records):
 
 # --- the minires worker -----------------------------------------------------------------
 
+def _worker_result(records, rss_before, versions):
+    """What every worker reports: phase times, peak memory, BLAS and library versions."""
+    return {"phases_ms": _phase_report(records), "peak_rss_mib": _peak_rss_mib(),
+            "rss_before_step_mib": rss_before, "blas": _blas_info(), "versions": versions}
+
+
 def _minires_worker(args):
     from . import backend, nn
     from .models import build_model
@@ -129,10 +135,8 @@ def _minires_worker(args):
         t5 = time.perf_counter()
         return (t1 - t0, t2 - t1, t3 - t2, t4 - t3, t5 - t4)
 
-    records = _time_steps(step, args.warmup, args.repeat)
-    result = {"phases_ms": _phase_report(records), "peak_rss_mib": _peak_rss_mib(),
-              "rss_before_step_mib": rss_before, "blas": _blas_info(),
-              "versions": {"numpy": numpy.__version__}}
+    result = _worker_result(_time_steps(step, args.warmup, args.repeat), rss_before,
+                            {"numpy": numpy.__version__})
     if xp is not numpy:
         result["gpu_pool_mib"] = xp.get_default_memory_pool().total_bytes() / 2**20
         result["versions"]["cupy"] = xp.__version__
@@ -278,10 +282,9 @@ def _torch_worker(args):
         t5 = time.perf_counter()
         return (t1 - t0, t2 - t1, t3 - t2, t4 - t3, t5 - t4)
 
-    records = _time_steps(step, args.warmup, args.repeat)
-    result = {"phases_ms": _phase_report(records), "peak_rss_mib": _peak_rss_mib(),
-              "rss_before_step_mib": rss_before, "blas": _blas_info(),
-              "versions": {"torch": torch.__version__}, "num_threads": torch.get_num_threads()}
+    result = _worker_result(_time_steps(step, args.warmup, args.repeat), rss_before,
+                            {"torch": torch.__version__})
+    result["num_threads"] = torch.get_num_threads()
     if device == "cuda":  # the peak of what PyTorch's caching allocator handed out
         result["gpu_pool_mib"] = torch.cuda.max_memory_allocated() / 2**20
     return result
