@@ -250,6 +250,11 @@ def _torch_worker(args):
     device = "cuda" if args.backend == "cupy" else "cpu"
     if device == "cuda" and not torch.cuda.is_available():
         raise RuntimeError("--compare torch with --backend cupy needs a CUDA build of PyTorch")
+    if device == "cuda":
+        # cuDNN convolutions default to TF32 (10-bit mantissa) on Ampere and later;
+        # CuPy's GEMMs stay full float32, so compare float32 with float32.
+        torch.backends.cudnn.allow_tf32 = False
+        torch.backends.cuda.matmul.allow_tf32 = False
 
     def sync():
         if device == "cuda":
