@@ -203,6 +203,15 @@ class SGD(Optimizer):
         super().__init__(model, lr)
 
     def _update(self, name, p, g, xp):
+        if xp is not numpy and self.momentum:  # a GPU: the same update in one kernel launch
+            from .functional import cuda
+            buffers = self.state["momentum_buffer"]
+            first = name not in buffers
+            if first:
+                buffers[name] = xp.empty_like(p)  # the kernel sets it to g
+            cuda.sgd_momentum_step(p, g, buffers[name], self.lr, self.momentum, self.weight_decay,
+                                   self.nesterov, first)
+            return
         if self.weight_decay:
             g = g + self.weight_decay * p  # a new array: the model's grad stays untouched
         if self.momentum:

@@ -15,7 +15,8 @@ source string that CuPy compiles builds here as a shared library:
 each thread of the block is a real OS thread, so a reduction that forgets a
 ``__syncthreads`` can be caught. Arguments are checked against the kernel's
 C signature (parsed from the source), output arrays are filled with NaN
-first (an element no thread writes shows up), and every array is surrounded
+first (an element no thread writes shows up; ``INOUT`` arrays, updated in
+place, start with their values), and every array is surrounded
 by guard bytes that must survive the launch (a write out of bounds raises).
 """
 import ctypes
@@ -31,6 +32,8 @@ import numpy
 
 PRELUDE = r"""
 #include <pthread.h>
+#include <cmath>
+using std::sqrt;
 struct emu_dim3 { unsigned x, y, z; };
 static thread_local emu_dim3 threadIdx = {0, 0, 0}, blockIdx = {0, 0, 0};
 static emu_dim3 blockDim = {1, 1, 1}, gridDim = {1, 1, 1};
@@ -93,18 +96,21 @@ def _build(source):
 
 
 def _parse_params(params, T):
-    """C parameter list -> [(kind, type, is_output)], kind 'pointer' or 'scalar'."""
+    """C parameter list -> [(kind, type, role)]: kind 'pointer' or 'scalar'; role
+    'in' (const pointers, scalars), 'out' (other pointers) or 'inout' (``INOUT``
+    pointers: read, then updated in place)."""
     parsed = []
     for p in params.split(","):
         words = p.replace("*", " * ").split()[:-1]  # drop the parameter name
-        const = "const" in words
-        words = [w for w in words if w not in ("const", "__restrict__")]
+        const, inout = "const" in words, "INOUT" in words
+        words = [w for w in words if w not in ("const", "__restrict__", "INOUT")]
         pointer = "*" in words
         ctype = " ".join(w for w in words if w != "*")
         ctype = T if ctype == "T" else ctype
         if ctype not in _SCALARS:
             raise ValueError(f"emulator: unsupported parameter type in {p.strip()!r}")
-        parsed.append(("pointer" if pointer else "scalar", ctype, pointer and not const))
+        role = "inout" if inout else "out" if pointer and not const else "in"
+        parsed.append(("pointer" if pointer else "scalar", ctype, role))
     return parsed
 
 
@@ -129,27 +135,27 @@ class Kernels:
         """Run kernel ``name`` on ``args`` with ``grid`` blocks of ``block`` threads.
 
         Arrays must be C-contiguous with the parameter's element type; output
-        arrays (non-const pointers) are written in place. Scalars: Python
+        arrays (non-const pointers, ``INOUT`` ones too) are written in place. Scalars: Python
         numbers, or NumPy scalars of exactly the parameter's type.
         """
         params = self.signatures[name]
         if len(args) != len(params):
             raise TypeError(f"{name}: expected {len(params)} arguments, got {len(args)}")
         c_args, guarded = [], []
-        for k, ((kind, ctype, is_output), a) in enumerate(zip(params, args)):
+        for k, ((kind, ctype, role), a) in enumerate(zip(params, args)):
             if kind == "pointer":
-                c_args.append(self._guarded_pointer(name, k, ctype, a, is_output, guarded))
+                c_args.append(self._guarded_pointer(name, k, ctype, a, role, guarded))
             else:
                 c_args.append(_scalar(name, k, ctype, a))
         self._run(getattr(self.lib, name), c_args, grid, block)
-        for k, raw, inner, a, is_output in guarded:
+        for k, raw, inner, a, role in guarded:
             if (raw[:_GUARD] != 0xA5).any() or (raw[_GUARD + inner.nbytes:] != 0xA5).any():
                 raise AssertionError(f"{name} wrote outside argument {k} (shape {a.shape})")
-            if is_output:
+            if role != "in":
                 a[...] = inner
 
     @staticmethod
-    def _guarded_pointer(name, k, ctype, a, is_output, guarded):
+    def _guarded_pointer(name, k, ctype, a, role, guarded):
         """Copy array a into a buffer framed by guard bytes; return the pointer to the copy."""
         if not isinstance(a, numpy.ndarray) or not a.flags.c_contiguous:
             raise TypeError(f"{name}: argument {k} must be a C-contiguous NumPy array")
@@ -157,8 +163,8 @@ class Kernels:
             raise TypeError(f"{name}: argument {k} must be {ctype}*, got dtype {a.dtype}")
         raw = numpy.full(a.nbytes + 2 * _GUARD, 0xA5, dtype=numpy.uint8)
         inner = raw[_GUARD:_GUARD + a.nbytes].view(a.dtype).reshape(a.shape)
-        inner[...] = numpy.nan if is_output else a  # outputs start as NaN: unwritten shows
-        guarded.append((k, raw, inner, a, is_output))
+        inner[...] = numpy.nan if role == "out" else a  # outputs start as NaN: unwritten shows
+        guarded.append((k, raw, inner, a, role))
         return inner.ctypes.data
 
     def _run(self, kernel, c_args, grid, block):

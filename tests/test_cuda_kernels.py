@@ -17,8 +17,9 @@ import numpy
 import pytest
 
 import cuda_emulator
-from minires import backend
+from minires import backend, optim
 from minires.functional import activation, batchnorm, conv, cuda
+from minires.nn.module import Module
 
 # (N, C, H, W, kh, kw, stride, padding): pad 0/1/2, stride 1/2/3, non-square
 # kernels and inputs, batch 1, 1x1 kernels, a kernel as large as the input,
@@ -95,9 +96,11 @@ def _reference_bn(forward, x, gamma, beta, training, rng):
 
 
 def _kernel_bn_forward(x, gamma, beta, running_mean, running_var, training, eps=1e-5):
-    """The forward as batchnorm.py's CuPy branch would compose the wrappers."""
+    """The forward as batchnorm.py's CuPy branch composes the wrappers (running stats
+    updated in place in training)."""
     mean, var = cuda.batchnorm_forward_stats(x) if training else (running_mean, running_var)
-    inv_std = 1 / numpy.sqrt(var + x.dtype.type(eps))
+    m = x.size // x.shape[1]
+    inv_std = cuda.batchnorm_finish_stats(mean, var, running_mean, running_var, 1e-5, 0.1, m, training)
     x_hat, out = cuda.batchnorm_normalize(x, mean, inv_std, gamma, beta)
     return out, x_hat, inv_std
 
@@ -238,8 +241,13 @@ def test_batchnorm_forward(emulated, shape, dtype, training, rng):
     x, gamma, beta = _bn_inputs(rng, shape, dtype)
     tol = {"rtol": 1e-10, "atol": 1e-10} if dtype == numpy.float64 else {"rtol": 1e-4, "atol": 1e-4}
     for forward in (batchnorm.batchnorm2d_forward, batchnorm.batchnorm2d_forward_naive):
-        out_ref, (x_hat_ref, _, inv_std_ref, _), rm, rv = _reference_bn(forward, x, gamma, beta, training, rng)
-        out, x_hat, inv_std = _kernel_bn_forward(x, gamma, beta, rm, rv, training)
+        running_mean = rng.normal(size=gamma.shape).astype(dtype)
+        running_var = rng.uniform(0.5, 2, size=gamma.shape).astype(dtype)
+        rm, rv = running_mean.copy(), running_var.copy()
+        out_ref, (x_hat_ref, _, inv_std_ref, _) = forward(x, gamma, beta, rm, rv, training=training)
+        out, x_hat, inv_std = _kernel_bn_forward(x, gamma, beta, running_mean, running_var, training)
+        numpy.testing.assert_allclose(running_mean, rm, **tol)  # updated alike (eval: not at all)
+        numpy.testing.assert_allclose(running_var, rv, **tol)
         assert out.dtype == x_hat.dtype == x.dtype and out.shape == x_hat.shape == x.shape
         assert out.flags.c_contiguous and x_hat.flags.c_contiguous
         numpy.testing.assert_allclose(inv_std, inv_std_ref, **tol)
@@ -304,6 +312,26 @@ def test_batchnorm_reductions_any_launch_shape(emulated, shape, rng):
         numpy.testing.assert_allclose(got, expected, rtol=1e-10, atol=1e-12)
 
 
+@pytest.mark.parametrize("update", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_batchnorm_finish_stats(emulated, dtype, update, rng):
+    """inv_std and the running-stat update of batchnorm.py's NumPy code, in one launch."""
+    mean = rng.normal(size=5).astype(dtype)
+    var = rng.uniform(0, 3, size=5).astype(dtype)
+    var[0] = 0  # a constant channel: inv_std = 1 / sqrt(eps)
+    running_mean, running_var = rng.normal(size=5).astype(dtype), rng.uniform(0.5, 2, size=5).astype(dtype)
+    expected_mean, expected_var = running_mean.copy(), running_var.copy()
+    if update:
+        batchnorm._update_running(expected_mean, expected_var, mean, var, 0.1, 12)
+    inv_std = cuda.batchnorm_finish_stats(mean, var, running_mean, running_var, 1e-5, 0.1, 12, update)
+    assert inv_std.dtype == dtype and inv_std.shape == (5,)
+    tol = {"rtol": 1e-14, "atol": 0} if dtype == numpy.float64 else {"rtol": 1e-6, "atol": 0}
+    numpy.testing.assert_allclose(inv_std, 1 / numpy.sqrt(var + dtype(1e-5)), **tol)
+    numpy.testing.assert_allclose(running_mean, expected_mean, **tol)
+    numpy.testing.assert_allclose(running_var, expected_var, **tol)
+    assert emulated == [("bn_finish_stats", *cuda.elementwise_grid(5))]
+
+
 def test_batchnorm_wrappers_reject_bad_input(emulated):
     x = numpy.zeros((2, 3, 4, 4))
     c = numpy.ones(3)
@@ -315,6 +343,10 @@ def test_batchnorm_wrappers_reject_bad_input(emulated):
         cuda.batchnorm_backward(x, x[:1], c, c, True)
     with pytest.raises(ValueError, match="no values per channel"):
         cuda.batchnorm_forward_stats(x[:0])
+    with pytest.raises(ValueError, match=r"running_var of shape \(3,\)"):
+        cuda.batchnorm_finish_stats(c, c, c.copy(), numpy.ones(4), 1e-5, 0.1, 10, True)
+    with pytest.raises(ValueError, match="updated in place must be C-contiguous"):
+        cuda.batchnorm_finish_stats(c, c, c.copy(), numpy.ones(6)[::2], 1e-5, 0.1, 10, True)
     assert emulated == []
 
 
@@ -334,6 +366,48 @@ def test_relu_backward(emulated, dtype, rng):
 def test_relu_backward_rejects_mismatched_shapes(emulated):
     with pytest.raises(ValueError, match="expected dout of shape"):
         cuda.relu_backward(numpy.zeros((2, 3)), numpy.zeros((3, 2)))
+
+
+# --------------------------------------------------------------------------
+# SGD with momentum, emulated
+# --------------------------------------------------------------------------
+class _OneParam(Module):
+    def __init__(self, weight):
+        super().__init__()
+        self.add_param("weight", weight)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("settings", [
+    {"momentum": 0.9, "weight_decay": 5e-4},
+    {"momentum": 0.8, "weight_decay": 0.0, "nesterov": True},
+    {"momentum": 0.9, "weight_decay": 1e-2, "nesterov": True},
+], ids=["wd", "nesterov", "nesterov-wd"])
+def test_sgd_momentum_step(emulated, settings, dtype, rng):
+    """Three steps of the kernel against optim.SGD's NumPy update of the same parameter."""
+    weight = rng.normal(size=(5, 7)).astype(dtype)
+    model = _OneParam(weight.copy())
+    opt = optim.SGD(model, lr=0.1, **settings)
+    p, buf = weight.copy(), numpy.full_like(weight, numpy.nan)  # buf is not read at step 1
+    for step in range(3):
+        grad = rng.normal(size=weight.shape).astype(dtype)
+        model.grads["weight"][...] = grad
+        opt.step()
+        cuda.sgd_momentum_step(p, grad, buf, 0.1, settings["momentum"], settings["weight_decay"],
+                               settings.get("nesterov", False), first=step == 0)
+        tol = {"rtol": 1e-14, "atol": 1e-15} if dtype == numpy.float64 else {"rtol": 1e-6, "atol": 1e-7}
+        numpy.testing.assert_allclose(p, model.params["weight"], **tol)
+        numpy.testing.assert_allclose(buf, opt.state["momentum_buffer"]["weight"], **tol)
+    assert [name for name, *_ in emulated] == ["sgd_momentum_step"] * 3
+
+
+def test_sgd_momentum_step_rejects_bad_input(emulated):
+    p = numpy.zeros((4, 3))
+    with pytest.raises(ValueError, match="shapes differ"):
+        cuda.sgd_momentum_step(p, numpy.zeros((3, 4)), numpy.zeros((4, 3)), 0.1, 0.9, 0, False, True)
+    with pytest.raises(ValueError, match="updated in place must be C-contiguous"):
+        cuda.sgd_momentum_step(p.T, p.T, p.T.copy(), 0.1, 0.9, 0, False, True)
+    assert emulated == []
 
 
 # --------------------------------------------------------------------------

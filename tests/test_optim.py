@@ -386,7 +386,7 @@ def test_schedule_load_errors():
 
 # -- CuPy ------------------------------------------------------------------------
 @pytest.mark.gpu
-@pytest.mark.parametrize("name", ["nesterov_wd", "adam_wd", "adamw"])
+@pytest.mark.parametrize("name", ["sgd_momentum_wd", "nesterov_wd", "adam_wd", "adamw"])
 def test_cupy_matches_numpy(name):
     from minires import backend
     if not backend.cupy_available():

@@ -104,12 +104,12 @@ def batchnorm2d_forward(x, gamma, beta, running_mean, running_var,
         raise ValueError(
             f"batchnorm2d: training needs more than one value per channel, got x of shape {tuple(x.shape)}"
         )
-    if xp is not numpy:  # a GPU: two kernel launches (functional/cuda.py)
+    if xp is not numpy:  # a GPU: three kernel launches (functional/cuda.py)
         from . import cuda
         mean, var = cuda.batchnorm_forward_stats(x) if training else (running_mean, running_var)
-        if training:
-            _update_running(running_mean, running_var, mean, var, momentum, m)
-        inv_std = (1 / xp.sqrt(var + eps)).astype(x.dtype, copy=False)  # the kernels take one dtype
+        # inv_std, and in training the running-stat update of _update_running
+        inv_std = cuda.batchnorm_finish_stats(mean, var, running_mean, running_var, eps, momentum, m,
+                                              update=training)
         x_hat, out = cuda.batchnorm_normalize(x, mean, inv_std, gamma, beta)
         return out, (x_hat, gamma, inv_std, training)
 
