@@ -438,9 +438,7 @@ def conv2d_backward(dout, cache):
     N, F, kh, kw = x.shape[0], w.shape[0], w.shape[2], w.shape[3]
     stride, padding, out_hw = _conv_geometry(x, w, b, stride, padding)
     _check_dout(dout, (N, F) + out_hw)
-    w_mat = w.reshape(F, -1)
     dx = xp.empty(x.shape, dtype=xp.result_type(dout, w))
-    dw_mat = xp.zeros(w_mat.shape, dtype=xp.result_type(dout, x))
     rows = x.shape[1]
     if _is_same(kh, kw, stride, padding):
         rows = max(rows, F)  # this path also builds dout's columns, F*kh*kw rows
@@ -450,7 +448,8 @@ def conv2d_backward(dout, cache):
         dx[chunk], dw_chunk = _backward_chunk(dout[chunk], x[chunk], w, stride, padding)
         return dw_chunk
 
-    for dw_chunk in map_chunks(one_chunk, _batch_chunks(xp, N, per_image)):
+    dw_mat, *more = map_chunks(one_chunk, _batch_chunks(xp, N, per_image))
+    for dw_chunk in more:
         dw_mat += dw_chunk  # dw sums over the batch, so chunks add (in a fixed order)
     db = dout.sum(axis=(0, 2, 3)) if b is not None else None
     return dx, dw_mat.reshape(w.shape), db
