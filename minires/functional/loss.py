@@ -10,7 +10,7 @@ from a row, so we subtract the row maximum first (exp never overflows) and
 compute log p with log-sum-exp (log never sees 0), which keeps the loss finite
 for logits of any size.
 """
-from ..backend import get_array_module
+from ..backend import get_array_module, to_numpy
 
 
 def _check(logits, labels):
@@ -22,11 +22,14 @@ def _check(logits, labels):
         )
     if labels.dtype.kind not in "iu":
         raise ValueError(f"softmax_cross_entropy: labels must be integers, got {labels.dtype}")
-    if labels.size and (int(labels.min()) < 0 or int(labels.max()) >= logits.shape[1]):
-        raise ValueError(
-            f"softmax_cross_entropy: labels must lie in [0, {logits.shape[1]}), got "
-            f"values from {int(labels.min())} to {int(labels.max())}"
-        )
+    if labels.size:
+        # both extremes in one transfer: on a GPU each transfer waits for the queued work
+        low, high = (int(v) for v in to_numpy(xp.stack([labels.min(), labels.max()])))
+        if low < 0 or high >= logits.shape[1]:
+            raise ValueError(
+                f"softmax_cross_entropy: labels must lie in [0, {logits.shape[1]}), got "
+                f"values from {low} to {high}"
+            )
     return xp
 
 
