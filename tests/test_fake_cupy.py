@@ -61,3 +61,32 @@ def test_training_cli_on_the_stand_in(tmp_path):
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
     assert "backend cupy" in result.stdout and "final: test accuracy" in result.stdout
     assert (tmp_path / "checkpoint.npz").is_file() and (tmp_path / "curves.png").is_file()
+
+
+def test_a_training_step_syncs_with_the_host_three_times():
+    """On a GPU every device -> host transfer waits for all queued kernels, so a step
+    must not make one per parameter. The three it needs: the labels' range check
+    (min and max together), the loss (a Python float) and the gradient check
+    (one transfer for all gradients)."""
+    code = (
+        "import numpy, cupy\n"
+        "from minires import backend, nn\n"
+        "from minires.data import DataLoader\n"
+        "from minires.models import build_model\n"
+        "from minires.optim import SGD\n"
+        "from minires.train import train_one_epoch\n"
+        "backend.set_backend('cupy'); backend.manual_seed(0)\n"
+        "rng = numpy.random.default_rng(0)\n"
+        "images = rng.integers(0, 256, (12, 1, 8, 8), dtype=numpy.uint8)\n"
+        "loader = DataLoader(images, rng.integers(0, 10, 12), 4, mean=[0.5], std=[0.25])\n"
+        "model = build_model('resnet20', in_channels=1)\n"
+        "opt = SGD(model, lr=0.1, momentum=0.9, weight_decay=5e-4)\n"
+        "before = cupy.host_transfers\n"
+        "train_one_epoch(model, loader, nn.CrossEntropyLoss(), opt, None, 1, progress=False)\n"
+        "print(cupy.host_transfers - before)\n"
+    )
+    result = _run(["-c", code])
+    assert result.returncode == 0, result.stderr[-3000:]
+    steps = 3
+    transfers = int(result.stdout.split()[-1])
+    assert transfers == 3 * steps + 1, f"{transfers} device->host transfers in {steps} steps"  # +1: the epoch's accuracy

@@ -8,7 +8,8 @@ underneath, with CuPy's rules on top where minires could break them:
   TypeError, as real CuPy does; ``a.get()`` / ``cupy.asnumpy(a)`` are the
   explicit way back;
 * a NumPy array (not a scalar) given to a CuPy function, ufunc or ``out=`` raises;
-* reductions return 0-d device arrays, not Python or NumPy scalars;
+* reductions return 0-d device arrays, not Python or NumPy scalars, and
+  ``host_transfers`` counts each device -> host transfer (a sync on a GPU);
 * ``RawModule`` compiles the CUDA source with g++ and runs the kernels on the
   CPU (tests/cuda_emulator.py); a Python int passed to a kernel raises, since
   real CuPy would pass it as a 64-bit integer.
@@ -25,6 +26,15 @@ import numpy
 from numpy.lib.mixins import NDArrayOperatorsMixin
 
 __version__ = "0.0-fake"
+
+#: Device -> host transfers so far (each one is a sync on a real GPU):
+#: float(a), int(a), bool(a), a.item(), a.get(), asnumpy(a), ...
+host_transfers = 0
+
+
+def _to_host():
+    global host_transfers
+    host_transfers += 1
 
 
 def _unwrap(a, where):
@@ -99,12 +109,15 @@ class ndarray(NDArrayOperatorsMixin):
     T = property(lambda self: ndarray(self._a.T))
 
     def get(self, stream=None, out=None):
+        _to_host()
         return self._a.copy()
 
     def item(self):
+        _to_host()
         return self._a.item()
 
     def tolist(self):
+        _to_host()
         return self._a.tolist()
 
     def __getitem__(self, key):
@@ -122,21 +135,26 @@ class ndarray(NDArrayOperatorsMixin):
         return (_wrap(row) for row in self._a)
 
     def __float__(self):
+        _to_host()
         return float(self._a)
 
     def __int__(self):
+        _to_host()
         return int(self._a)
 
     def __index__(self):
+        _to_host()
         return int(self._a)
 
     def __bool__(self):
+        _to_host()
         return bool(self._a)
 
     def __repr__(self):
         return f"fake_cupy.{self._a!r}"
 
     def __format__(self, spec):
+        _to_host()
         return format(self._a.item() if self._a.ndim == 0 else self._a, spec)
 
     def __reduce__(self):
@@ -173,6 +191,8 @@ def array(a, dtype=None, copy=True, order="K", ndmin=0):
 
 
 def asnumpy(a, stream=None, out=None):
+    if isinstance(a, ndarray):
+        _to_host()
     return a._a.copy() if isinstance(a, ndarray) else numpy.asarray(a)
 
 
