@@ -205,12 +205,13 @@ class SGD(Optimizer):
     def _update(self, name, p, g, xp):
         if xp is not numpy and self.momentum:  # a GPU: the same update in one kernel launch
             from .functional import cuda
-            buffers = self.state["momentum_buffer"]
-            first = name not in buffers
+            buf = self.state["momentum_buffer"].get(name)
+            first = buf is None
             if first:
-                buffers[name] = xp.empty_like(p)  # the kernel sets it to g
-            cuda.sgd_momentum_step(p, g, buffers[name], self.lr, self.momentum, self.weight_decay,
+                buf = xp.empty_like(p)  # the kernel sets it to g
+            cuda.sgd_momentum_step(p, g, buf, self.lr, self.momentum, self.weight_decay,
                                    self.nesterov, first)
+            self.state["momentum_buffer"][name] = buf  # (only once it holds a velocity)
             return
         if self.weight_decay:
             g = g + self.weight_decay * p  # a new array: the model's grad stays untouched

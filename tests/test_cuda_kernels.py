@@ -100,7 +100,7 @@ def _kernel_bn_forward(x, gamma, beta, running_mean, running_var, training, eps=
     updated in place in training)."""
     mean, var = cuda.batchnorm_forward_stats(x) if training else (running_mean, running_var)
     m = x.size // x.shape[1]
-    inv_std = cuda.batchnorm_finish_stats(mean, var, running_mean, running_var, 1e-5, 0.1, m, training)
+    inv_std = cuda.batchnorm_finish_stats(mean, var, running_mean, running_var, eps, 0.1, m, training)
     x_hat, out = cuda.batchnorm_normalize(x, mean, inv_std, gamma, beta)
     return out, x_hat, inv_std
 
@@ -445,13 +445,20 @@ def test_gpu_batchnorm(cp, shape, dtype, training, rng):
     out_ref, cache, rm, rv = _reference_bn(batchnorm.batchnorm2d_forward, x, gamma, beta, training, rng)
     x_hat_ref, _, inv_std_ref, _ = cache
     g, b = cp.asarray(gamma), cp.asarray(beta)
+    running_mean, running_var = cp.asarray(rm), cp.asarray(rv)  # rm, rv: before the reference's update
     if training:
         mean, var = cuda.batchnorm_forward_stats(cp.asarray(x))
     else:
-        mean, var = cp.asarray(rm), cp.asarray(rv)
-    inv_std = 1 / cp.sqrt(var + dtype(1e-5))
+        mean, var = running_mean, running_var
+    inv_std = cuda.batchnorm_finish_stats(mean, var, running_mean, running_var, 1e-5, 0.1,
+                                          x.size // x.shape[1], training)
     x_hat, out = cuda.batchnorm_normalize(cp.asarray(x), mean, inv_std, g, b)
     tol = {"rtol": 1e-10, "atol": 1e-10} if dtype == numpy.float64 else {"rtol": 1e-4, "atol": 1e-4}
+    if training:
+        batchnorm._update_running(rm, rv, x.mean(axis=(0, 2, 3)), x.var(axis=(0, 2, 3)), 0.1,
+                                  x.size // x.shape[1])
+    numpy.testing.assert_allclose(cp.asnumpy(running_mean), rm, **tol)
+    numpy.testing.assert_allclose(cp.asnumpy(running_var), rv, **tol)
     numpy.testing.assert_allclose(cp.asnumpy(inv_std), inv_std_ref, **tol)
     numpy.testing.assert_allclose(cp.asnumpy(x_hat), x_hat_ref, **tol)
     numpy.testing.assert_allclose(cp.asnumpy(out), out_ref, **tol)
@@ -461,6 +468,24 @@ def test_gpu_batchnorm(cp, shape, dtype, training, rng):
     for got, expected in zip(grads, batchnorm.batchnorm2d_backward(dout, cache)):
         numpy.testing.assert_allclose(cp.asnumpy(got), expected, **(tol if dtype == numpy.float64 else
                                                                     {"rtol": 1e-3, "atol": 1e-3}))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_gpu_sgd_momentum_step(cp, dtype, rng):
+    """The real kernel against optim.SGD's NumPy update (the GPU may fuse a*b + c: float32 tolerance)."""
+    weight = rng.normal(size=(64, 16, 3, 3)).astype(dtype)
+    model = _OneParam(weight.copy())
+    opt = optim.SGD(model, lr=0.1, momentum=0.9, weight_decay=5e-4, nesterov=True)
+    p, buf = cp.asarray(weight), cp.full(weight.shape, cp.nan, dtype=dtype)  # buf unread at step 1
+    for step in range(3):
+        grad = rng.normal(size=weight.shape).astype(dtype)
+        model.grads["weight"][...] = grad
+        opt.step()
+        cuda.sgd_momentum_step(p, cp.asarray(grad), buf, 0.1, 0.9, 5e-4, True, first=step == 0)
+    tol = {"rtol": 1e-12, "atol": 1e-14} if dtype == numpy.float64 else {"rtol": 1e-5, "atol": 1e-6}
+    numpy.testing.assert_allclose(cp.asnumpy(p), model.params["weight"], **tol)
+    numpy.testing.assert_allclose(cp.asnumpy(buf), opt.state["momentum_buffer"]["weight"], **tol)
 
 
 @pytest.mark.gpu

@@ -413,3 +413,22 @@ def test_cupy_matches_numpy(name):
     opt_device.load_state_dict(npz_round_trip(state))
     assert all(isinstance(a, cupy.ndarray)
                for arrays in opt_device.state.values() for a in arrays.values())
+
+
+@pytest.mark.gpu
+def test_cupy_sgd_step_that_fails_leaves_no_velocity():
+    """The GPU kernel path refuses a float32 gradient for a float64 parameter; the
+    momentum buffer it would have filled must not be kept (a later step would read garbage)."""
+    from minires import backend
+    if not backend.cupy_available():
+        pytest.skip("needs CuPy and a GPU")
+    import cupy
+
+    model = Tiny(np.float64)
+    for _, module in model.named_modules():
+        module.params = {k: cupy.asarray(v) for k, v in module.params.items()}
+        module.grads = {k: cupy.asarray(v).astype(np.float32) for k, v in module.grads.items()}
+    opt = optim.SGD(model, lr=0.1, momentum=0.9)
+    with pytest.raises(ValueError, match="one dtype"):
+        opt.step()
+    assert opt.state["momentum_buffer"] == {}

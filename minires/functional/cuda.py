@@ -8,10 +8,15 @@ correct but costs many kernel launches per op, each a full pass over memory:
 * ``col2im`` replaces :func:`minires.functional.conv.col2im` (a zero fill, one
   ``+=`` per kernel offset and a cropping copy: 11 launches for 3x3); it
   *gathers*, so it needs no atomics;
-* ``bn_stats`` + ``bn_normalize`` replace the BatchNorm forward (mean, var,
-  centre, scale, shift: ~10 launches), ``bn_backward_sums`` + ``bn_backward_dx``
-  its backward (``batchnorm2d_forward`` / ``batchnorm2d_backward``);
-* ``relu_backward`` fuses ``dout * (out > 0)`` (two launches and a mask array).
+* ``bn_stats`` + ``bn_finish_stats`` + ``bn_normalize`` replace the BatchNorm
+  forward (mean, var, inv_std, the running-stat update, centre, scale, shift:
+  ~20 launches), ``bn_backward_sums`` + ``bn_backward_dx`` its backward
+  (``batchnorm2d_forward`` / ``batchnorm2d_backward``);
+* ``relu_backward`` fuses ``dout * (out > 0)`` (two launches and a mask array);
+* ``sgd_momentum_step`` is :meth:`minires.optim.SGD._update` with momentum
+  (weight decay, velocity, step: ~6 launches per parameter).
+
+The kernels that update arrays in place mark them ``INOUT``.
 
 Every kernel walks its outputs with a grid-stride loop and every output is
 written by exactly one thread, so any launch shape gives the same answer --
