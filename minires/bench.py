@@ -287,8 +287,10 @@ def _torch_worker(args):
         t5 = time.perf_counter()
         return (t1 - t0, t2 - t1, t3 - t2, t4 - t3, t5 - t4)
 
-    result = _worker_result(_time_steps(step, args.warmup, args.repeat), rss_before,
-                            {"torch": torch.__version__})
+    versions = {"torch": torch.__version__}
+    if device == "cuda":
+        versions["cudnn"] = f"{torch.backends.cudnn.version()}, TF32 off"
+    result = _worker_result(_time_steps(step, args.warmup, args.repeat), rss_before, versions)
     result["num_threads"] = torch.get_num_threads()
     if device == "cuda":  # the peak of what PyTorch's caching allocator handed out
         result["gpu_pool_mib"] = torch.cuda.max_memory_allocated() / 2**20
@@ -416,7 +418,9 @@ def run_bench(args, print_fn=print):
         theirs["images_per_s"] = 1000 * args.batch / theirs["phases_ms"]["step"]["median"]
         result["ratio"] = mine["phases_ms"]["step"]["median"] / theirs["phases_ms"]["step"]["median"]
         result["rss_ratio"] = mine["peak_rss_mib"] / theirs["peak_rss_mib"]
-        print_fn(f"torch {theirs['versions']['torch']}, {theirs['num_threads']} threads; {_blas_line(theirs['blas'])}")
+        cudnn = f", cuDNN {theirs['versions']['cudnn']}" if "cudnn" in theirs["versions"] else ""
+        print_fn(f"torch {theirs['versions']['torch']}{cudnn}, {theirs['num_threads']} threads; "
+                 f"{_blas_line(theirs['blas'])}")
 
     _print_layers(mine["layers"], print_fn)
 
