@@ -10,6 +10,7 @@ import sys
 import numpy
 
 from minires import backend, nn
+from minires.bench import SGD_SETTINGS, _synthetic_batch
 from minires.models import build_model
 from minires.optim import SGD
 
@@ -21,10 +22,8 @@ def main(batch=128, repeat=30):
     backend.manual_seed(0)
     model = build_model("resnet20", in_channels=3)
     loss_fn = nn.CrossEntropyLoss()
-    opt = SGD(model, lr=0.1, momentum=0.9, weight_decay=5e-4)
-    rng = numpy.random.default_rng(0)
-    x = xp.asarray(rng.standard_normal((batch, 3, 32, 32), dtype=numpy.float32))
-    y = xp.asarray(rng.integers(0, 10, batch))
+    opt = SGD(model, **SGD_SETTINGS)  # the benchmark's step, batch and settings
+    x, y = (backend.to_device(a) for a in _synthetic_batch(batch, (3, 32, 32), 10))
 
     logits = model(x)
     loss_fn(logits, y)
