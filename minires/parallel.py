@@ -3,12 +3,14 @@
 NumPy runs element-wise work (copies, additions, the im2col gathers) on ONE
 core; only its matrix products (BLAS) use several. The fast conv and
 BatchNorm paths cut the batch into chunks anyway, so that one chunk's work
-fits in a core's cache. :func:`map_chunks` hands those chunks to a pool of
-worker threads, one per core, and asks BLAS for one thread per call while
-they run: every core then does the copies *and* the GEMM of its own chunk.
+fits in a core's cache. :func:`map_chunks` shares those chunks between the
+calling thread and a pool of worker threads (one thread per core in all),
+and asks BLAS for one thread per call while they run: every core then does
+the copies *and* the GEMM of its own chunk.
 Plain Python threads can do this because NumPy releases the GIL inside its
 loops and BLAS calls. On the 2-core test machine this makes a ResNet-20
-training step about 1.25x faster than one chunk after another.
+training step 1.3-1.4x faster than one chunk after another (where BLAS
+runs each GEMM on both cores).
 
 Results do not depend on the number of threads or on timing: each chunk
 writes its own slice of an output, and per-chunk partial results come back
@@ -147,20 +149,49 @@ def chunks_of(xp, a, target_bytes=1 << 20):
 
 
 def map_chunks(fn, chunks):
-    """``[fn(chunk) for chunk in chunks]``, the calls spread over the worker threads.
+    """``[fn(chunk) for chunk in chunks]``, the calls spread over the CPU cores.
 
     ``fn`` must only write to places no other chunk touches (its own slice of
     an output); anything to be summed over chunks it returns instead.
+
+    The calling thread works too: it and ``threads - 1`` pool threads each take
+    the next chunk nobody has taken yet, until none is left. (Handing every
+    chunk to the pool and waiting cost about 80 us per call, a wake-up per
+    chunk; this call is made ~170 times per ResNet-20 step, on chunks of
+    0.1-2 ms.) Taking chunks as they come also balances the work when one
+    core is slower than the other.
     """
     chunks = list(chunks)
     threads = min(num_threads(), len(chunks))
     blas = _blas_controller() if threads > 1 else False
     if threads < 2 or not blas or getattr(_inside, "worker", False):
         return [fn(chunk) for chunk in chunks]
+    results = [None] * len(chunks)
+    untaken = iter(range(len(chunks)))  # shared by the threads below
+    take = threading.Lock()
+
+    def work():  # run chunks until none is left
+        while True:
+            with take:
+                k = next(untaken, None)
+            if k is None:
+                return
+            results[k] = fn(chunks[k])
+
     # The lock: two callers at once would each save and restore the BLAS
     # thread count, and could leave it at 1 for good.
-    with _lock, blas.limit(limits=1):  # one BLAS thread per worker
-        return list(_executor(num_threads()).map(fn, chunks))
+    with _lock, blas.limit(limits=1):  # one BLAS thread per thread
+        helpers = [_executor(num_threads() - 1).submit(work) for _ in range(threads - 1)]
+        _inside.worker = True  # a map_chunks inside fn runs inline here too
+        try:
+            work()
+        finally:
+            _inside.worker = False
+            for helper in helpers:
+                helper.exception()  # wait: no helper may still be writing when we return
+        for helper in helpers:
+            helper.result()  # re-raises a helper's error
+    return results
 
 
 def scratch(xp, name, shape, dtype):

@@ -48,12 +48,36 @@ def test_map_chunks_returns_results_in_chunk_order(threads):
     assert parallel.map_chunks(lambda c: (c.start, c.stop), chunks) == [(c.start, c.stop) for c in chunks]
 
 
-def test_map_chunks_really_uses_worker_threads(threads):
+def test_map_chunks_shares_the_chunks_between_the_caller_and_a_pool_thread(threads):
     threads(2)
     if not parallel._blas_controller():
         pytest.skip("threadpoolctl not installed: chunks run one after another")
-    names = parallel.map_chunks(lambda c: threading.current_thread().name, range(8))
-    assert all(name.startswith("minires") for name in names)
+
+    def slow_chunk(c):  # long enough that neither thread can take all chunks alone
+        time.sleep(0.02)
+        return threading.current_thread().name
+
+    names = parallel.map_chunks(slow_chunk, range(8))
+    assert threading.current_thread().name in names
+    assert any(name.startswith("minires") for name in names)
+    assert len(set(names)) == 2
+
+
+def test_map_chunks_waits_for_every_chunk_when_one_fails(threads):
+    threads(2)
+    done = []
+
+    def chunk(c):
+        time.sleep(0.01)
+        if c == 0:
+            raise ValueError("chunk 0 is bad")
+        done.append(c)
+
+    with pytest.raises(ValueError, match="chunk 0 is bad"):
+        parallel.map_chunks(chunk, range(6))
+    finished = len(done)
+    time.sleep(0.05)
+    assert len(done) == finished  # nothing still running after the call returned
 
 
 def test_map_chunks_raises_the_workers_error(threads):
