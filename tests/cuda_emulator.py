@@ -65,6 +65,7 @@ CXXFLAGS = ["-O1", "-shared", "-fPIC", "-std=c++17", "-pthread", "-Wall", "-Werr
 _SCALARS = {  # C type -> (ctypes type, numpy scalar type it takes)
     "int": (ctypes.c_int, numpy.int32),
     "long long": (ctypes.c_longlong, numpy.int64),
+    "unsigned long long": (ctypes.c_ulonglong, numpy.uint64),  # device addresses
     "float": (ctypes.c_float, numpy.float32),
     "double": (ctypes.c_double, numpy.float64),
 }

@@ -10,6 +10,11 @@ underneath, with CuPy's rules on top where minires could break them:
 * a NumPy array (not a scalar) given to a CuPy function, ufunc or ``out=`` raises;
 * reductions return 0-d device arrays, not Python or NumPy scalars, and
   ``host_transfers`` counts each device -> host transfer (a sync on a GPU);
+* ``device_ops`` counts the operations that would each launch a kernel (or a
+  copy) on a GPU: every ufunc, reduction, product, fill, copy, item assignment
+  and RawModule kernel, but not views (reshape, transpose, slicing) or
+  ``empty``. A training step on a GPU is launch-bound, so this count is what
+  its speed follows (tests/test_fake_cupy.py keeps it in check);
 * ``RawModule`` compiles the CUDA source with g++ and runs the kernels on the
   CPU (tests/cuda_emulator.py); a Python int passed to a kernel raises, since
   real CuPy would pass it as a 64-bit integer.
@@ -30,11 +35,26 @@ __version__ = "0.0-fake"
 #: Device -> host transfers so far (each one is a sync on a real GPU):
 #: float(a), int(a), bool(a), a.item(), a.get(), asnumpy(a), ...
 host_transfers = 0
+#: Operations so far that would each be a kernel launch (or a copy) on a GPU.
+device_ops = 0
 
 
 def _to_host():
     global host_transfers
     host_transfers += 1
+
+
+def _launched(result=None, *inputs):
+    """Count one device operation, unless ``result`` is only a view of an input or
+    no array at all (a dtype, a shape: host-side answers)."""
+    global device_ops
+    if not isinstance(result, (numpy.ndarray, numpy.generic, type(None))):
+        return
+    if isinstance(result, numpy.ndarray) and any(
+            isinstance(a, numpy.ndarray) and result.base is not None and numpy.shares_memory(result, a)
+            for a in inputs):
+        return
+    device_ops += 1
 
 
 def _unwrap(a, where):
@@ -80,12 +100,17 @@ class ndarray(NDArrayOperatorsMixin):
                 raise TypeError(f"fake cupy: out= of {where} must be a device array")
             kwargs["out"] = tuple(o._a for o in outs)
             getattr(ufunc, method)(*args, **kwargs)
+            _launched()
             return outs[0] if len(outs) == 1 else outs
+        _launched()
         return _wrap(getattr(ufunc, method)(*args, **kwargs))
 
     def __array_function__(self, func, types_, args, kwargs):
         # numpy.f(device_array) dispatches to the device version, as in CuPy
-        return _wrap(func(*_unwrap(args, func.__name__), **_unwrap(kwargs, func.__name__)))
+        args, kwargs = _unwrap(args, func.__name__), _unwrap(kwargs, func.__name__)
+        result = func(*args, **kwargs)
+        _launched(result, *args)
+        return _wrap(result)
 
     def __getattr__(self, name):  # methods and attributes of the storage, results wrapped
         if name.startswith("__"):  # not __array_interface__ & co.: NumPy would read the storage
@@ -95,7 +120,9 @@ class ndarray(NDArrayOperatorsMixin):
             return _wrap(attr)
 
         def method(*args, **kwargs):
-            return _wrap(attr(*_unwrap(args, "." + name), **_unwrap(kwargs, "." + name)))
+            result = attr(*_unwrap(args, "." + name), **_unwrap(kwargs, "." + name))
+            _launched(result, self._a)
+            return _wrap(result)
         return method
 
     shape = property(lambda self: self._a.shape)
@@ -107,6 +134,8 @@ class ndarray(NDArrayOperatorsMixin):
     nbytes = property(lambda self: self._a.nbytes)
     flags = property(lambda self: self._a.flags)
     T = property(lambda self: ndarray(self._a.T))
+    # CuPy's a.data is a MemoryPointer; .ptr its address (host memory here, for the emulator)
+    data = property(lambda self: types.SimpleNamespace(ptr=self._a.ctypes.data))
 
     def get(self, stream=None, out=None):
         _to_host()
@@ -127,6 +156,7 @@ class ndarray(NDArrayOperatorsMixin):
         if isinstance(value, numpy.ndarray) and value.ndim > 0:
             raise TypeError(f"fake cupy: a NumPy array of shape {value.shape} assigned into a device array")
         self._a[_index(key)] = value._a if isinstance(value, ndarray) else value
+        _launched()
 
     def __len__(self):
         return len(self._a)
@@ -174,7 +204,11 @@ def __getattr__(name):
         return attr
 
     def function(*args, **kwargs):
-        return _wrap(attr(*_unwrap(args, name), **_unwrap(kwargs, name)))
+        args, kwargs = _unwrap(args, name), _unwrap(kwargs, name)
+        result = attr(*args, **kwargs)
+        if not name.startswith("empty"):  # allocation alone launches nothing
+            _launched(result, *args)
+        return _wrap(result)
     function.__name__ = name
     return function
 
@@ -182,11 +216,15 @@ def __getattr__(name):
 def asarray(a, dtype=None, order=None):
     """Host data -> a device copy; a device array stays (cast if dtype says so)."""
     if isinstance(a, ndarray):
-        return ndarray(numpy.asarray(a._a, dtype=dtype, order=order))
+        result = numpy.asarray(a._a, dtype=dtype, order=order)
+        _launched(result, a._a)  # a cast is a kernel, the same array is nothing
+        return ndarray(result)
+    _launched()  # host -> device copy
     return ndarray(numpy.array(a, dtype=dtype, order=order))
 
 
 def array(a, dtype=None, copy=True, order="K", ndmin=0):
+    _launched()
     return ndarray(numpy.array(a._a if isinstance(a, ndarray) else a, dtype=dtype, order=order, ndmin=ndmin))
 
 
@@ -197,7 +235,11 @@ def asnumpy(a, stream=None, out=None):
 
 
 def ascontiguousarray(a, dtype=None):
-    return ndarray(numpy.ascontiguousarray(_unwrap(a, "ascontiguousarray"), dtype=dtype))
+    a = _unwrap(a, "ascontiguousarray")
+    result = numpy.ascontiguousarray(a, dtype=dtype)
+    if result is not a:
+        _launched(result, a)
+    return ndarray(result)
 
 
 def get_array_module(*args):
@@ -256,6 +298,7 @@ class RawModule:
                 if isinstance(a, int):
                     raise TypeError(f"fake cupy: kernel {name} argument {k} is a Python int "
                                     "(CuPy passes it as a 64-bit integer; give a numpy.int32/int64)")
+            _launched()
             # at most 4 blocks of 1 thread: the kernels' grid-stride loops cover the rest
             self._kernels.launch(name, [a._a if isinstance(a, ndarray) else a for a in args],
                                  min(grid[0], 4), 1)
