@@ -411,6 +411,80 @@ def test_sgd_momentum_step_rejects_bad_input(emulated):
 
 
 # --------------------------------------------------------------------------
+# many arrays in one launch, emulated
+# --------------------------------------------------------------------------
+class _ManyParams(Module):
+    """Parameters of several shapes, one of them empty (its table entry covers no elements)."""
+
+    def __init__(self, rng, dtype, shapes=((4, 3, 3, 3), (4,), (0,), (10, 4), (1,))):
+        super().__init__()
+        for k, shape in enumerate(shapes):
+            self.add_param(f"p{k}", rng.normal(size=shape).astype(dtype))
+
+
+@pytest.mark.parametrize("shape", [(1, 1), (3, 4)], ids=["1x1", "3x4"])
+def test_zero_many(emulated, shape, rng):
+    emulated.shape = shape
+    arrays = list(_ManyParams(rng, numpy.float32).params.values())
+    cuda.zero_many(arrays)
+    assert all((a == 0).all() for a in arrays)
+    assert [name for name, *_ in emulated] == ["zero_many"]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("nesterov", [False, True], ids=["momentum", "nesterov"])
+def test_sgd_momentum_step_many(emulated, dtype, nesterov, rng):
+    """Three steps of the one-launch update against optim.SGD's NumPy update, parameter by parameter."""
+    emulated.shape = (3, 4)
+    model = _ManyParams(rng, dtype)
+    params = {name: p.copy() for name, p in model.params.items()}
+    bufs = {name: numpy.full_like(p, numpy.nan) for name, p in params.items()}  # unread at step 1
+    opt = optim.SGD(model, lr=0.1, momentum=0.9, weight_decay=5e-4, nesterov=nesterov)
+    for step in range(3):
+        grads = {name: rng.normal(size=p.shape).astype(dtype) for name, p in params.items()}
+        for name, g in grads.items():
+            model.grads[name][...] = g
+        opt.step()
+        cuda.sgd_momentum_step_many(params.values(), grads.values(), bufs.values(), 0.1, 0.9, 5e-4,
+                                    nesterov, first=step == 0)
+        tol = {"rtol": 1e-14, "atol": 1e-15} if dtype == numpy.float64 else {"rtol": 1e-6, "atol": 1e-7}
+        for name in params:
+            numpy.testing.assert_allclose(params[name], model.params[name], **tol)
+            numpy.testing.assert_allclose(bufs[name], opt.state["momentum_buffer"][name], **tol)
+    assert [name for name, *_ in emulated] == ["sgd_momentum_step_many"] * 3
+
+
+@pytest.mark.parametrize("bad", [None, numpy.nan, numpy.inf, -numpy.inf], ids=["finite", "nan", "inf", "-inf"])
+@pytest.mark.parametrize("where", [0, 3, 4], ids=["first", "middle", "last"])
+def test_flag_nonfinite_many(emulated, bad, where, rng):
+    emulated.shape = (3, 4)
+    arrays = list(_ManyParams(rng, numpy.float64).params.values())
+    arrays[2] = numpy.zeros(0)  # (empty)
+    if bad is not None:
+        arrays[where].flat[-1] = bad
+    flag = cuda.flag_nonfinite_many(arrays)
+    assert flag.dtype == numpy.int32 and flag.tolist() == [0 if bad is None else 1]
+    assert [name for name, *_ in emulated] == ["flag_nonfinite_many"]
+
+
+def test_many_array_kernels_reject_bad_input(emulated):
+    a, b = numpy.zeros((2, 3)), numpy.zeros(4)
+    with pytest.raises(ValueError, match="at least one array"):
+        cuda.zero_many([])
+    with pytest.raises(ValueError, match="one dtype"):
+        cuda.zero_many([a, b.astype(numpy.float32)])
+    with pytest.raises(ValueError, match="must be C-contiguous"):
+        cuda.flag_nonfinite_many([a.T])
+    with pytest.raises(ValueError, match="2 parameters, 1 gradients"):
+        cuda.sgd_momentum_step_many([a, b], [a], [a, b], 0.1, 0.9, 0, False, True)
+    with pytest.raises(ValueError, match="shapes differ"):
+        cuda.sgd_momentum_step_many([a], [b], [a], 0.1, 0.9, 0, False, True)
+    with pytest.raises(ValueError, match="one dtype"):  # a float32 gradient read as double: garbage
+        cuda.sgd_momentum_step_many([a], [a.astype(numpy.float32)], [a], 0.1, 0.9, 0, False, True)
+    assert emulated == []
+
+
+# --------------------------------------------------------------------------
 # the real kernels on a GPU
 # --------------------------------------------------------------------------
 @pytest.fixture
@@ -521,3 +595,28 @@ def test_conv_geometry_hands_the_kernels_plain_ints():
     assert all(type(a) is int for a in args)
     with pytest.raises(ValueError, match="kernel"):
         cuda.conv_geometry((2, 3, 5, 5), 2.5, 3, 1, 1)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_gpu_many_array_kernels(cp, dtype, rng):
+    """zero_many, sgd_momentum_step_many and flag_nonfinite_many on real device addresses."""
+    model = _ManyParams(rng, dtype)
+    opt = optim.SGD(model, lr=0.1, momentum=0.9, weight_decay=5e-4)
+    params = [cp.asarray(p) for p in model.params.values()]
+    bufs = [cp.full(p.shape, cp.nan, dtype=dtype) for p in params]
+    for step in range(3):
+        grads = [rng.normal(size=p.shape).astype(dtype) for p in params]
+        for name, g in zip(model.grads, grads):
+            model.grads[name][...] = g
+        opt.step()
+        device_grads = [cp.asarray(g) for g in grads]
+        assert int(cuda.flag_nonfinite_many(device_grads)[0]) == 0
+        cuda.sgd_momentum_step_many(params, device_grads, bufs, 0.1, 0.9, 5e-4, False, first=step == 0)
+    tol = {"rtol": 1e-12, "atol": 1e-14} if dtype == numpy.float64 else {"rtol": 1e-5, "atol": 1e-6}
+    for p, name in zip(params, model.params):
+        numpy.testing.assert_allclose(cp.asnumpy(p), model.params[name], **tol)
+    device_grads[1][2] = cp.inf
+    assert int(cuda.flag_nonfinite_many(device_grads)[0]) == 1
+    cuda.zero_many(device_grads)
+    assert all(not cp.asnumpy(g).any() for g in device_grads)
