@@ -82,12 +82,18 @@ class Optimizer:
         self.lr = float(self.lr)
         self.step_count += 1
         self._begin_step()
+        if self._update_all(params, grads):
+            return
         for name, p in params.items():
             g = grads[name]
             self._update(name, p, g, backend.get_array_module(p, g))
 
     def _begin_step(self):
         """Hook for per-step scalars (Adam's bias corrections)."""
+
+    def _update_all(self, params, grads):
+        """Hook: update every parameter at once (one GPU launch); False to go one by one."""
+        return False
 
     def _update(self, name, p, g, xp):
         raise NotImplementedError
@@ -201,6 +207,23 @@ class SGD(Optimizer):
         self.nesterov = bool(nesterov)
         self._per_param = ("momentum_buffer",) if self.momentum else ()
         super().__init__(model, lr)
+
+    def _update_all(self, params, grads):
+        """On a GPU with momentum: all parameters in one kernel launch (not one each)."""
+        xp = backend.get_array_module(*params.values())
+        buffers = self.state["momentum_buffer"] if self.momentum else None
+        if xp is numpy or buffers is None or (buffers and buffers.keys() != params.keys()) \
+                or len({p.dtype for p in params.values()}) != 1:
+            return False  # (one by one: CPU, no momentum, mixed dtypes, a partial state)
+        from .functional import cuda
+        first = not buffers
+        new = {name: xp.empty_like(p) for name, p in params.items()} if first else buffers
+        names = list(params)
+        cuda.sgd_momentum_step_many([params[n] for n in names], [grads[n] for n in names],
+                                    [new[n] for n in names], self.lr, self.momentum,
+                                    self.weight_decay, self.nesterov, first)
+        self.state["momentum_buffer"] = new  # (only once they hold velocities)
+        return True
 
     def _update(self, name, p, g, xp):
         if xp is not numpy and self.momentum:  # a GPU: the same update in one kernel launch

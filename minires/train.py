@@ -148,16 +148,20 @@ def first_nonfinite_layer(model, x):
 def first_nonfinite_grad(model):
     """Name of the first parameter (from the input side) with a NaN/inf gradient, or None.
 
-    Checked once per step, so first cheaply: a NaN or inf anywhere in a gradient
-    makes its sum NaN or inf, and all the sums come back from a GPU in one
-    transfer (one sync per step, not one per parameter). Only then the exact
-    per-array scan.
+    Checked once per step, so first cheaply: on a GPU one kernel checks all
+    the gradients and its flag comes back in one transfer (one sync per step,
+    not one per parameter); on the CPU a NaN or inf anywhere in a gradient
+    makes its sum NaN or inf. Only then the exact per-array scan.
     """
     grads = model.named_grads()
     if not grads:
         return None
     xp = backend.get_array_module(*grads.values())
-    if bool(xp.isfinite(xp.stack([g.sum() for g in grads.values()])).all()):
+    if xp is not numpy and len({g.dtype for g in grads.values()}) == 1:
+        from .functional import cuda
+        if not int(cuda.flag_nonfinite_many(grads.values())[0]):
+            return None
+    elif bool(xp.isfinite(xp.stack([g.sum() for g in grads.values()])).all()):
         return None
     for name, g in grads.items():
         if not bool(xp.isfinite(g).all()):

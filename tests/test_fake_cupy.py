@@ -90,3 +90,44 @@ def test_a_training_step_syncs_with_the_host_three_times():
     steps = 3
     transfers = int(result.stdout.split()[-1])
     assert transfers == 3 * steps + 1, f"{transfers} device->host transfers in {steps} steps"  # +1: the epoch's accuracy
+
+
+def test_device_operations_of_a_training_step():
+    """A GPU step is launch-bound (docs/gpu.md): its speed follows the number of
+    kernel launches, which the stand-in counts. Gradients are zeroed, checked for
+    NaN/inf and stepped by SGD in one launch each for all parameters (the check
+    also zeroes its flag), and the whole ResNet-20 step stays under a budget, so
+    that a change adding launches is noticed (the count does not depend on the
+    batch size)."""
+    code = (
+        "import numpy, cupy\n"
+        "from minires import backend, nn\n"
+        "from minires.models import build_model\n"
+        "from minires.optim import SGD\n"
+        "from minires.train import first_nonfinite_grad\n"
+        "backend.set_backend('cupy'); backend.manual_seed(0)\n"
+        "rng = numpy.random.default_rng(0)\n"
+        "x = cupy.asarray(rng.standard_normal((4, 3, 8, 8)).astype(numpy.float32))\n"
+        "y = cupy.asarray(rng.integers(0, 10, 4))\n"
+        "model, loss_fn = build_model('resnet20'), nn.CrossEntropyLoss()\n"
+        "opt = SGD(model, lr=0.1, momentum=0.9, weight_decay=5e-4)\n"
+        "def step():\n"
+        "    ops = {}\n"
+        "    def phase(name, f):\n"
+        "        before = cupy.device_ops; result = f(); ops[name] = cupy.device_ops - before\n"
+        "        return result\n"
+        "    logits = phase('forward', lambda: model(x))\n"
+        "    phase('loss', lambda: loss_fn(logits, y))\n"
+        "    phase('zero_grad', opt.zero_grad)\n"
+        "    phase('backward', lambda: model.backward(loss_fn.backward()))\n"
+        "    phase('check', lambda: first_nonfinite_grad(model))\n"
+        "    phase('optimizer', opt.step)\n"
+        "    return ops\n"
+        "step()\n"  # the first step also uploads the address tables and creates the velocities
+        "print(step())\n"
+    )
+    result = _run(["-c", code])
+    assert result.returncode == 0, result.stderr[-3000:]
+    ops = eval(result.stdout.strip().splitlines()[-1])
+    assert (ops["zero_grad"], ops["check"], ops["optimizer"]) == (1, 2, 1), ops
+    assert sum(ops.values()) <= 440, ops  # 438 when this test was written (614 before the one-launch kernels)
