@@ -410,6 +410,21 @@ def test_sgd_momentum_step_rejects_bad_input(emulated):
     assert emulated == []
 
 
+def test_col2im_into_out(emulated, rng):
+    """col2im writes straight into a given array (conv2d_backward's dx on a GPU: no copy)."""
+    x_shape, args = (2, 3, 5, 6), (3, 3, 2, 1)
+    cols = rng.normal(size=conv.im2col(numpy.zeros(x_shape), *args).shape)
+    expected = conv.col2im(cols, x_shape, *args)
+    for col2im in (conv.col2im, cuda.col2im):
+        out = numpy.full(x_shape, numpy.nan)
+        assert col2im(cols, x_shape, *args, out=out) is out
+        numpy.testing.assert_allclose(out, expected, rtol=1e-12, atol=1e-12)
+        with pytest.raises(ValueError, match="expected out of shape"):
+            col2im(cols, x_shape, *args, out=numpy.zeros((2, 3, 5, 5)))
+    with pytest.raises(ValueError, match="must be C-contiguous"):
+        cuda.col2im(cols, x_shape, *args, out=numpy.zeros(x_shape[::-1]).T)
+
+
 # --------------------------------------------------------------------------
 # many arrays in one launch, emulated
 # --------------------------------------------------------------------------

@@ -237,20 +237,26 @@ def _col2im_padded(cols, x_shape, kh, kw, sh, sw, ph, pw):
     return dx_pad
 
 
-def col2im(cols, x_shape, kh, kw, stride, padding):
+def col2im(cols, x_shape, kh, kw, stride, padding, out=None):
     """Adjoint of :func:`im2col`: add every column entry back onto its pixel.
 
     cols (C*kh*kw, N*Ho*Wo) -> dx (N, C, H, W); where windows overlap their
-    contributions add up. On a GPU one kernel launch (:mod:`.cuda`).
+    contributions add up. Written into ``out`` if given (an array of that
+    shape), else into a new array. On a GPU one kernel launch (:mod:`.cuda`).
     """
     xp = get_array_module(cols)
     if xp is not numpy:
         from .cuda import col2im as col2im_kernel
-        return col2im_kernel(cols, x_shape, kh, kw, stride, padding)
+        return col2im_kernel(cols, x_shape, kh, kw, stride, padding, out)
     (sh, sw), (ph, pw) = _pair(stride, "stride", 1), _pair(padding, "padding", 0)
     N, C, H, W = x_shape
-    dx_pad = _col2im_padded(cols, x_shape, kh, kw, sh, sw, ph, pw)
-    return xp.ascontiguousarray(dx_pad[:, :, ph:ph + H, pw:pw + W].transpose(1, 0, 2, 3))
+    dx = _col2im_padded(cols, x_shape, kh, kw, sh, sw, ph, pw)[:, :, ph:ph + H, pw:pw + W].transpose(1, 0, 2, 3)
+    if out is None:
+        return xp.ascontiguousarray(dx)
+    if tuple(out.shape) != tuple(dx.shape):
+        raise ValueError(f"col2im: expected out of shape {tuple(dx.shape)}, got shape {tuple(out.shape)}")
+    out[...] = dx
+    return out
 
 
 # --------------------------------------------------------------------------
@@ -369,9 +375,9 @@ def _forward_chunk(x, w_mat, kh, kw, stride, padding, out_hw):
     return out_mat.reshape(F, n, Ho, Wo).transpose(1, 0, 2, 3)
 
 
-def _backward_chunk(dout, x, w, stride, padding):
-    """Gradients for one chunk: (dx (n, C, H, W), a view valid until this thread's
-    next call, and dw_mat (F, C*kh*kw))."""
+def _backward_chunk(dout, x, w, stride, padding, dx):
+    """Gradients for one chunk: writes dx (n, C, H, W), this chunk's slice of the
+    whole dx, and returns dw_mat (F, C*kh*kw), this chunk's share of dw."""
     xp = get_array_module(dout, x)
     n, F, Ho, Wo = dout.shape
     C, H, W = x.shape[1:]
@@ -384,7 +390,8 @@ def _backward_chunk(dout, x, w, stride, padding):
         # same GEMM, but OpenBLAS runs this orientation 1.3-1.7x faster for
         # F = 64..16 (a tall-skinny output instead of a short-wide one).
         dw_mat = (cols @ dout_mat.T).T
-        return col2im(w.reshape(F, -1).T @ dout_mat, x.shape, kh, kw, stride, padding), dw_mat
+        col2im(w.reshape(F, -1).T @ dout_mat, x.shape, kh, kw, stride, padding, out=dx)
+        return dw_mat
 
     # "Same" convolution: dx is itself a "same" convolution, of dout with the
     # kernel flipped and its in/out channels swapped (docs/backward/conv2d.md),
@@ -400,7 +407,8 @@ def _backward_chunk(dout, x, w, stride, padding):
     dcols = _same_cols(dline, kh, kw, n, H, W)  # reuses the scratch of cols
     dx_mat = scratch(xp, "out", (C, P), xp.result_type(w_flip, dcols))
     xp.matmul(w_flip, dcols, out=dx_mat)
-    return dx_mat.reshape(C, n, H, W).transpose(1, 0, 2, 3), dw_mat
+    dx[...] = dx_mat.reshape(C, n, H, W).transpose(1, 0, 2, 3)
+    return dw_mat
 
 
 def _bytes_per_image(C, kh, kw, out_hw, itemsize):
@@ -445,8 +453,7 @@ def conv2d_backward(dout, cache):
     per_image = _bytes_per_image(rows, kh, kw, out_hw, x.itemsize)
 
     def one_chunk(chunk):  # writes its slice of dx, returns its share of dw
-        dx[chunk], dw_chunk = _backward_chunk(dout[chunk], x[chunk], w, stride, padding)
-        return dw_chunk
+        return _backward_chunk(dout[chunk], x[chunk], w, stride, padding, dx[chunk])
 
     dw_mat, *more = map_chunks(one_chunk, _batch_chunks(xp, N, per_image))
     for dw_chunk in more:

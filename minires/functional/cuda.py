@@ -416,11 +416,12 @@ def im2col(x, kh, kw, stride, padding):
     return cols
 
 
-def col2im(cols, x_shape, kh, kw, stride, padding):
+def col2im(cols, x_shape, kh, kw, stride, padding, out=None):
     """cols (C*kh*kw, N*Ho*Wo) -> dx of shape x_shape, as :func:`minires.functional.conv.col2im`.
 
     One launch, no atomics (each thread sums the entries of one pixel). Returns a
-    new C-contiguous (N, C, H, W) array of cols' dtype.
+    new C-contiguous (N, C, H, W) array of cols' dtype, or writes ``out`` (a
+    C-contiguous array of that shape and dtype) and returns it.
     """
     xp, (cols,) = _inputs("col2im", cols)
     geometry = conv_geometry(tuple(x_shape), kh, kw, stride, padding)
@@ -430,7 +431,14 @@ def col2im(cols, x_shape, kh, kw, stride, padding):
             f"col2im: expected cols of shape ({C * kh * kw}, {N * Ho * Wo}) for x_shape "
             f"{tuple(x_shape)} and a {kh}x{kw} kernel, got shape {tuple(cols.shape)}"
         )
-    dx = xp.empty((N, C, H, W), dtype=cols.dtype)
+    if out is None:
+        dx = xp.empty((N, C, H, W), dtype=cols.dtype)
+    elif tuple(out.shape) != (N, C, H, W) or out.dtype != cols.dtype:
+        raise ValueError(f"col2im: expected out of shape {(N, C, H, W)} and dtype {cols.dtype.name}, "
+                         f"got shape {tuple(out.shape)} and dtype {out.dtype.name}")
+    else:
+        _inplace("col2im", out)
+        dx = out
     _launch("col2im", cols.dtype, *elementwise_grid(dx.size), (cols, dx) + geometry)
     return dx
 
