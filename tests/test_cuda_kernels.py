@@ -323,7 +323,10 @@ def test_batchnorm_finish_stats(emulated, dtype, update, rng):
     expected_mean, expected_var = running_mean.copy(), running_var.copy()
     if update:
         batchnorm._update_running(expected_mean, expected_var, mean, var, 0.1, 12)
-    inv_std = cuda.batchnorm_finish_stats(mean, var, running_mean, running_var, 1e-5, 0.1, 12, update)
+    batches = numpy.array(7, dtype=numpy.int64)  # the module's num_batches_tracked
+    inv_std = cuda.batchnorm_finish_stats(mean, var, running_mean, running_var, 1e-5, 0.1, 12, update,
+                                          num_batches_tracked=batches)
+    assert int(batches) == (8 if update else 7)
     assert inv_std.dtype == dtype and inv_std.shape == (5,)
     tol = {"rtol": 1e-14, "atol": 0} if dtype == numpy.float64 else {"rtol": 1e-6, "atol": 0}
     numpy.testing.assert_allclose(inv_std, 1 / numpy.sqrt(var + dtype(1e-5)), **tol)
@@ -347,6 +350,8 @@ def test_batchnorm_wrappers_reject_bad_input(emulated):
         cuda.batchnorm_finish_stats(c, c, c.copy(), numpy.ones(4), 1e-5, 0.1, 10, True)
     with pytest.raises(ValueError, match="updated in place must be C-contiguous"):
         cuda.batchnorm_finish_stats(c, c, c.copy(), numpy.ones(6)[::2], 1e-5, 0.1, 10, True)
+    with pytest.raises(ValueError, match="num_batches_tracked as a 0-d int64 array"):
+        cuda.batchnorm_finish_stats(c, c, c.copy(), c.copy(), 1e-5, 0.1, 10, True, numpy.zeros(1, numpy.int64))
     assert emulated == []
 
 

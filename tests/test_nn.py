@@ -203,3 +203,14 @@ def test_backward_without_forward_raises(rng):
 def test_repr_is_readable():
     text = repr(nn.Sequential(nn.Conv2d(1, 2, 3, bias=False), nn.ReLU()))
     assert "(0): Conv2d(1, 2, kernel_size=(3, 3)" in text and "(1): ReLU()" in text
+
+
+def test_batchnorm_counts_training_batches_only(xp, rng):
+    """num_batches_tracked (torchvision's buffer) +1 per training forward; eval leaves it."""
+    bn = nn.BatchNorm2d(3).astype(numpy.float64)  # built on xp's backend
+    x = xp.asarray(rng.standard_normal((4, 3, 2, 2)))
+    bn(x)
+    bn(x)
+    bn.eval()
+    bn(x)
+    assert int(bn.buffers["num_batches_tracked"]) == 2

@@ -95,10 +95,12 @@ def _update_running(running_mean, running_var, mean, var, momentum, m):
 
 
 def batchnorm2d_forward(x, gamma, beta, running_mean, running_var,
-                        momentum=0.1, eps=1e-5, training=True):
+                        momentum=0.1, eps=1e-5, training=True, num_batches_tracked=None):
     """Normalize x (N, C, H, W) per channel; returns (out, cache).
 
-    In training mode ``running_mean`` / ``running_var`` (C,) are updated in place.
+    In training mode ``running_mean`` / ``running_var`` (C,) are updated in
+    place, and so is ``num_batches_tracked`` if given (a 0-d integer array, +1;
+    the module's count, which on a GPU rides along in a kernel launch).
     The cache is ``(x_hat, gamma, inv_std, training)``, x_hat shaped like x.
 
     Same numbers as :func:`batchnorm2d_forward_naive`, organised for speed:
@@ -121,7 +123,7 @@ def batchnorm2d_forward(x, gamma, beta, running_mean, running_var,
         mean, var = cuda.batchnorm_forward_stats(x) if training else (running_mean, running_var)
         # inv_std, and in training the running-stat update of _update_running
         inv_std = cuda.batchnorm_finish_stats(mean, var, running_mean, running_var, eps, momentum, m,
-                                              update=training)
+                                              update=training, num_batches_tracked=num_batches_tracked)
         x_hat, out = cuda.batchnorm_normalize(x, mean, inv_std, gamma, beta)
         return out, (x_hat, gamma, inv_std, training)
 
@@ -142,6 +144,8 @@ def batchnorm2d_forward(x, gamma, beta, running_mean, running_var,
     if training:
         var = sum(squares) / m                     # biased
         _update_running(running_mean, running_var, mean, var, momentum, m)
+        if num_batches_tracked is not None:
+            num_batches_tracked += 1
     else:
         var = running_var
     inv_std = 1 / xp.sqrt(var + eps)

@@ -147,12 +147,15 @@ extern "C" __global__ void bn_stats(const T* x, T* mean, T* var, int N, int C, i
 // inv_std = 1 / sqrt(var + eps); with update, also the running statistics, in place:
 //   running_mean = keep * running_mean + momentum * mean
 //   running_var  = keep * running_var  + var_weight * var
-// (keep = 1 - momentum, var_weight = momentum * M / (M - 1): the unbiased variance).
-// One launch instead of ~9 tiny ones over (C,) arrays.
+// (keep = 1 - momentum, var_weight = momentum * M / (M - 1): the unbiased variance)
+// and, if count, the module's num_batches_tracked (batches[0] += 1).
+// One launch instead of ~10 tiny ones over (C,) arrays.
 extern "C" __global__ void bn_finish_stats(const T* mean, const T* var, T* inv_std,
-                                           INOUT T* running_mean, INOUT T* running_var, int C,
-                                           T eps, T keep, T momentum, T var_weight, int update)
+                                           INOUT T* running_mean, INOUT T* running_var,
+                                           INOUT long long* batches, int C, T eps, T keep,
+                                           T momentum, T var_weight, int update, int count)
 {
+    if (update && count && blockIdx.x == 0 && threadIdx.x == 0) batches[0] += 1;
     for (int c = blockIdx.x * blockDim.x + threadIdx.x; c < C; c += blockDim.x * gridDim.x) {
         inv_std[c] = (T)1 / sqrt(var[c] + eps);
         if (update) {
@@ -470,23 +473,33 @@ def _inplace(name, *arrays):
             raise ValueError(f"{name}: arrays updated in place must be C-contiguous, got strides {a.strides}")
 
 
-def batchnorm_finish_stats(mean, var, running_mean, running_var, eps, momentum, m, update):
+def batchnorm_finish_stats(mean, var, running_mean, running_var, eps, momentum, m, update,
+                           num_batches_tracked=None):
     """inv_std = 1 / sqrt(var + eps), per channel; with ``update``, also the running stats.
 
     The running stats are updated in place, as ``batchnorm._update_running``
     (momentum, and the unbiased variance ``var * m / (m - 1)`` for m values per
-    channel). All four arrays (C,) of one dtype. One launch; returns inv_std.
+    channel), and so is ``num_batches_tracked`` if given (a 0-d int64 array,
+    += 1). All four other arrays (C,) of one dtype. One launch; returns inv_std.
     """
     xp, (mean, var, _, _) = _inputs("batchnorm_finish_stats", mean, var, running_mean, running_var)
     C = mean.shape[0]
     _per_channel("batchnorm_finish_stats", C, var=var, running_mean=running_mean, running_var=running_var)
     _inplace("batchnorm_finish_stats", running_mean, running_var)
+    count = num_batches_tracked is not None
+    if count:
+        if num_batches_tracked.shape != () or num_batches_tracked.dtype != numpy.int64:
+            raise ValueError(f"batchnorm_finish_stats: expected num_batches_tracked as a 0-d int64 array, "
+                             f"got shape {tuple(num_batches_tracked.shape)} and dtype {num_batches_tracked.dtype}")
+        batches = num_batches_tracked
+    else:
+        batches = xp.empty((), dtype=numpy.int64)  # (not touched)
     T = mean.dtype.type  # the scalars in the kernel's element type (a Python float is a double)
     var_weight = momentum * m / (m - 1) if update else 0.0
     inv_std = xp.empty_like(mean)
     _launch("bn_finish_stats", mean.dtype, *elementwise_grid(C),
-            (mean, var, inv_std, running_mean, running_var, C,
-             T(eps), T(1 - momentum), T(momentum), T(var_weight), int(bool(update))))
+            (mean, var, inv_std, running_mean, running_var, batches, C,
+             T(eps), T(1 - momentum), T(momentum), T(var_weight), int(bool(update)), int(count)))
     return inv_std
 
 

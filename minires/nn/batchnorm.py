@@ -31,9 +31,7 @@ class BatchNorm2d(Module):
         self.check_input(x, (None, self.num_features, None, None), gamma.dtype)
         out, self.cache = batchnorm2d_forward(
             x, gamma, self.params["bias"], self.buffers["running_mean"], self.buffers["running_var"],
-            self.momentum, self.eps, self.training)
-        if self.training:
-            self.buffers["num_batches_tracked"] += 1
+            self.momentum, self.eps, self.training, self.buffers["num_batches_tracked"])
         return out
 
     def backward(self, dout):
