@@ -340,6 +340,12 @@ def _module(dtype_name):
     return cupy.RawModule(code=kernel_source(dtype_name))
 
 
+@functools.lru_cache(maxsize=None)
+def _kernel(dtype_name, name):
+    """The compiled kernel, looked up once (CuPy makes a new RawKernel at every get_function)."""
+    return _module(dtype_name).get_function(name)
+
+
 def kernel_args(args):
     """Python ints as numpy.int32 (C ``int``); arrays and numpy scalars unchanged.
 
@@ -360,7 +366,7 @@ def _launch(name, dtype, grid, block, args):
         )
     if grid == 0:
         return  # empty output: a launch of 0 blocks would be an error
-    _module(numpy.dtype(dtype).name).get_function(name)((grid,), (block,), kernel_args(args))
+    _kernel(numpy.dtype(dtype).name, name)((grid,), (block,), kernel_args(args))
 
 
 def _inputs(name, *arrays):
