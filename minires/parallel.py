@@ -9,8 +9,8 @@ and asks BLAS for one thread per call while they run: every core then does
 the copies *and* the GEMM of its own chunk.
 Plain Python threads can do this because NumPy releases the GIL inside its
 loops and BLAS calls. On the 2-core test machine this makes a ResNet-20
-training step 1.3-1.4x faster than one chunk after another (where BLAS
-runs each GEMM on both cores).
+training step 1.3-1.4x faster than one chunk after another, where BLAS runs
+each GEMM on both cores (``MINIRES_NUM_THREADS=1``; docs/performance.md).
 
 Results do not depend on the number of threads or on timing: each chunk
 writes its own slice of an output, and per-chunk partial results come back
@@ -176,12 +176,19 @@ def map_chunks(fn, chunks):
                 k = next(untaken, None)
             if k is None:
                 return
-            results[k] = fn(chunks[k])
+            try:
+                results[k] = fn(chunks[k])
+            except BaseException:
+                with take:
+                    for _ in untaken:  # take the rest: the other threads stop after their chunk
+                        pass
+                raise
 
     # The lock: two callers at once would each save and restore the BLAS
     # thread count, and could leave it at 1 for good.
     with _lock, blas.limit(limits=1):  # one BLAS thread per thread
-        helpers = [_executor(num_threads() - 1).submit(work) for _ in range(threads - 1)]
+        pool = _executor(num_threads() - 1)
+        helpers = [pool.submit(work) for _ in range(threads - 1)]
         _inside.worker = True  # a map_chunks inside fn runs inline here too
         try:
             work()

@@ -54,7 +54,7 @@ def test_map_chunks_shares_the_chunks_between_the_caller_and_a_pool_thread(threa
         pytest.skip("threadpoolctl not installed: chunks run one after another")
 
     def slow_chunk(c):  # long enough that neither thread can take all chunks alone
-        time.sleep(0.02)
+        time.sleep(0.1)
         return threading.current_thread().name
 
     names = parallel.map_chunks(slow_chunk, range(8))
@@ -74,10 +74,11 @@ def test_map_chunks_waits_for_every_chunk_when_one_fails(threads):
         done.append(c)
 
     with pytest.raises(ValueError, match="chunk 0 is bad"):
-        parallel.map_chunks(chunk, range(6))
+        parallel.map_chunks(chunk, range(20))
     finished = len(done)
     time.sleep(0.05)
     assert len(done) == finished  # nothing still running after the call returned
+    assert finished < 19  # the other thread stopped taking chunks after the failure
 
 
 def test_map_chunks_raises_the_workers_error(threads):
