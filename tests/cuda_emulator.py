@@ -34,6 +34,7 @@ PRELUDE = r"""
 #include <pthread.h>
 #include <cmath>
 using std::sqrt;
+using std::isfinite;
 struct emu_dim3 { unsigned x, y, z; };
 static thread_local emu_dim3 threadIdx = {0, 0, 0}, blockIdx = {0, 0, 0};
 static emu_dim3 blockDim = {1, 1, 1}, gridDim = {1, 1, 1};

@@ -350,8 +350,9 @@ def test_batchnorm_wrappers_reject_bad_input(emulated):
         cuda.batchnorm_finish_stats(c, c, c.copy(), numpy.ones(4), 1e-5, 0.1, 10, True)
     with pytest.raises(ValueError, match="updated in place must be C-contiguous"):
         cuda.batchnorm_finish_stats(c, c, c.copy(), numpy.ones(6)[::2], 1e-5, 0.1, 10, True)
-    with pytest.raises(ValueError, match="num_batches_tracked as a 0-d int64 array"):
-        cuda.batchnorm_finish_stats(c, c, c.copy(), c.copy(), 1e-5, 0.1, 10, True, numpy.zeros(1, numpy.int64))
+    for bad in (numpy.zeros(1, numpy.int64), numpy.int64(0), 0):  # a scalar would be passed by value
+        with pytest.raises(ValueError, match="num_batches_tracked as a 0-d int64 array"):
+            cuda.batchnorm_finish_stats(c, c, c.copy(), c.copy(), 1e-5, 0.1, 10, True, bad)
     assert emulated == []
 
 
@@ -487,6 +488,29 @@ def test_flag_nonfinite_many(emulated, bad, where, rng):
     assert [name for name, *_ in emulated] == ["flag_nonfinite_many"]
 
 
+@pytest.mark.parametrize("shape", [(1, 1), (3, 4)], ids=["1x1", "3x4"])
+def test_many_array_kernels_write_only_their_arrays(emulated, shape):
+    """The kernels write through addresses, past the emulator's guard bytes: here the
+    arrays are slices of one buffer, with sentinels between them that must survive."""
+    emulated.shape = shape
+    sizes = [3, 0, 7, 1, 0, 4]
+
+    def framed(fill):  # (buffer, arrays): each array framed by two -123s
+        buf, arrays, pos = numpy.full(sum(sizes) + 2 * len(sizes) + 1, -123.0), [], 1
+        for size in sizes:
+            arrays.append(buf[pos:pos + size])
+            arrays[-1][...] = fill
+            pos += size + 2
+        return buf, arrays
+
+    (pb, params), (gb, grads), (bb, bufs) = framed(1.0), framed(2.0), framed(numpy.nan)
+    cuda.sgd_momentum_step_many(params, grads, bufs, 0.1, 0.9, 0.0, False, True)
+    cuda.zero_many(grads)
+    for buf, arrays in ((pb, params), (gb, grads), (bb, bufs)):
+        assert (buf == -123.0).sum() == buf.size - sum(sizes)
+    assert all((p == 1 - 0.1 * 2).all() for p in params) and all((g == 0).all() for g in grads)
+
+
 def test_many_array_kernels_reject_bad_input(emulated):
     a, b = numpy.zeros((2, 3)), numpy.zeros(4)
     with pytest.raises(ValueError, match="at least one array"):
@@ -501,6 +525,8 @@ def test_many_array_kernels_reject_bad_input(emulated):
         cuda.sgd_momentum_step_many([a], [b], [a], 0.1, 0.9, 0, False, True)
     with pytest.raises(ValueError, match="one dtype"):  # a float32 gradient read as double: garbage
         cuda.sgd_momentum_step_many([a], [a.astype(numpy.float32)], [a], 0.1, 0.9, 0, False, True)
+    with pytest.raises(ValueError, match="the same array appears twice"):  # two threads, one element
+        cuda.sgd_momentum_step_many([a, a], [a, a], [a.copy(), a.copy()], 0.1, 0.9, 0, False, True)
     assert emulated == []
 
 

@@ -9,8 +9,8 @@ correct but costs many kernel launches per op, each a full pass over memory:
   ``+=`` per kernel offset and a cropping copy: 11 launches for 3x3); it
   *gathers*, so it needs no atomics;
 * ``bn_stats`` + ``bn_finish_stats`` + ``bn_normalize`` replace the BatchNorm
-  forward (mean, var, inv_std, the running-stat update, centre, scale, shift:
-  ~20 launches), ``bn_backward_sums`` + ``bn_backward_dx`` its backward
+  forward (mean, var, inv_std, the running-stat update, num_batches_tracked,
+  centre, scale, shift: ~21 launches), ``bn_backward_sums`` + ``bn_backward_dx`` its backward
   (``batchnorm2d_forward`` / ``batchnorm2d_backward``);
 * ``relu_backward`` fuses ``dout * (out > 0)`` (two launches and a mask array);
 * ``sgd_momentum_step`` is :meth:`minires.optim.SGD._update` with momentum
@@ -252,7 +252,8 @@ __device__ int array_of(const long long* starts, int n, long long t)
 // ---- zero_grad: every array set to 0 ----
 extern "C" __global__ void zero_many(const unsigned long long* ptrs, const long long* starts, int n)
 {
-    for (long long t = blockIdx.x * (long long)blockDim.x + threadIdx.x; t < starts[n];
+    const long long total = starts[n];
+    for (long long t = blockIdx.x * (long long)blockDim.x + threadIdx.x; t < total;
          t += (long long)blockDim.x * gridDim.x) {
         const int k = array_of(starts, n, t);
         ((T*)ptrs[k])[t - starts[k]] = 0;
@@ -267,7 +268,8 @@ extern "C" __global__ void sgd_momentum_step_many(const unsigned long long* para
                                                   const long long* starts, int n, T lr, T momentum,
                                                   T weight_decay, int nesterov, int first)
 {
-    for (long long t = blockIdx.x * (long long)blockDim.x + threadIdx.x; t < starts[n];
+    const long long total = starts[n];
+    for (long long t = blockIdx.x * (long long)blockDim.x + threadIdx.x; t < total;
          t += (long long)blockDim.x * gridDim.x) {
         const int k = array_of(starts, n, t);
         const long long i = t - starts[k];
@@ -282,17 +284,16 @@ extern "C" __global__ void sgd_momentum_step_many(const unsigned long long* para
 }
 
 // ---- NaN check: flag[0] = 1 if any element of any array is NaN or +-inf ----
-// v - v is 0 for every finite v and NaN for NaN and +-inf. Threads that find
-// one all write the same 1, so their order does not matter. flag[0] must be
-// 0 before the launch.
+// Threads that find one all write the same 1, so their order does not
+// matter. flag[0] must be 0 before the launch.
 extern "C" __global__ void flag_nonfinite_many(const unsigned long long* ptrs, const long long* starts,
                                                int n, INOUT int* flag)
 {
-    for (long long t = blockIdx.x * (long long)blockDim.x + threadIdx.x; t < starts[n];
+    const long long total = starts[n];
+    for (long long t = blockIdx.x * (long long)blockDim.x + threadIdx.x; t < total;
          t += (long long)blockDim.x * gridDim.x) {
         const int k = array_of(starts, n, t);
-        const T v = ((const T*)ptrs[k])[t - starts[k]];
-        if (!(v - v == 0)) flag[0] = 1;
+        if (!isfinite(((const T*)ptrs[k])[t - starts[k]])) flag[0] = 1;
     }
 }
 
@@ -494,9 +495,12 @@ def batchnorm_finish_stats(mean, var, running_mean, running_var, eps, momentum, 
     _inplace("batchnorm_finish_stats", running_mean, running_var)
     count = num_batches_tracked is not None
     if count:
-        if num_batches_tracked.shape != () or num_batches_tracked.dtype != numpy.int64:
+        if (not isinstance(num_batches_tracked, xp.ndarray) or num_batches_tracked.shape != ()
+                or num_batches_tracked.dtype != numpy.int64):
+            got = num_batches_tracked
             raise ValueError(f"batchnorm_finish_stats: expected num_batches_tracked as a 0-d int64 array, "
-                             f"got shape {tuple(num_batches_tracked.shape)} and dtype {num_batches_tracked.dtype}")
+                             f"got {type(got).__name__} of shape {getattr(got, 'shape', None)} "
+                             f"and dtype {getattr(got, 'dtype', None)}")
         batches = num_batches_tracked
     else:
         batches = xp.empty((), dtype=numpy.int64)  # (not touched)
@@ -584,12 +588,13 @@ def sgd_momentum_step(p, grad, buf, lr, momentum, weight_decay, nesterov, first)
 # --------------------------------------------------------------------------
 # many arrays in one launch
 # --------------------------------------------------------------------------
-def _address_table(name, arrays):
+def _address_table(name, arrays, distinct=False):
     """(xp, dtype, total size, device table of the arrays' addresses, device running sizes).
 
     The arrays must be C-contiguous and of one float dtype: the kernels read
-    and write them through their addresses. The tables are kept
-    (:func:`_tables`), so a model whose arrays stay put uploads them once.
+    and write them through their addresses. ``distinct``: no array twice (two
+    threads updating one element in place would lose an update). The tables
+    are kept (:func:`_tables`), so a model whose arrays stay put uploads them once.
     """
     arrays = list(arrays)
     if not arrays:
@@ -602,13 +607,17 @@ def _address_table(name, arrays):
     _inplace(name, *arrays)
     # (NumPy arrays only in the tests, where the emulator runs kernels on host memory)
     addresses = tuple(a.ctypes.data if xp is numpy else a.data.ptr for a in arrays)
+    written = [address for address, a in zip(addresses, arrays) if a.size]  # (empty ones: nothing)
+    if distinct and len(set(written)) < len(written):
+        raise ValueError(f"{name}: the same array appears twice (a shared parameter?)")
     sizes = tuple(int(a.size) for a in arrays)
-    ptrs, starts = _tables(xp, addresses, sizes)
+    device = -1 if xp is numpy else xp.cuda.Device().id  # (a table lives on one GPU)
+    ptrs, starts = _tables(xp, device, addresses, sizes)
     return xp, dtype, sum(sizes), ptrs, starts
 
 
 @functools.lru_cache(maxsize=16)
-def _tables(xp, addresses, sizes):
+def _tables(xp, device, addresses, sizes):
     """The address table and the running sizes as device arrays (one upload each)."""
     starts = numpy.concatenate([[0], numpy.cumsum(sizes)]).astype(numpy.int64)
     return xp.asarray(numpy.array(addresses, dtype=numpy.uint64)), xp.asarray(starts)
@@ -638,8 +647,9 @@ def sgd_momentum_step_many(params, grads, bufs, lr, momentum, weight_decay, nest
     if len(dtypes) > 1:
         raise ValueError(f"sgd_momentum_step_many: expected arrays of one dtype, got "
                          f"{sorted(d.name for d in dtypes)}")
-    _, dtype, total, p_ptrs, starts = _address_table("sgd_momentum_step_many", params)
-    g_ptrs, b_ptrs = (_address_table("sgd_momentum_step_many", a)[3] for a in (grads, bufs))
+    _, dtype, total, p_ptrs, starts = _address_table("sgd_momentum_step_many", params, distinct=True)
+    g_ptrs = _address_table("sgd_momentum_step_many", grads)[3]
+    b_ptrs = _address_table("sgd_momentum_step_many", bufs, distinct=True)[3]
     T = dtype.type
     _launch("sgd_momentum_step_many", dtype, *elementwise_grid(total),
             (p_ptrs, g_ptrs, b_ptrs, starts, len(params), T(lr), T(momentum), T(weight_decay),
