@@ -213,8 +213,9 @@ class SGD(Optimizer):
         xp = backend.get_array_module(*params.values())
         buffers = self.state["momentum_buffer"] if self.momentum else None
         if xp is numpy or buffers is None or (buffers and buffers.keys() != params.keys()) \
-                or len({p.dtype for p in params.values()}) != 1:
-            return False  # (one by one: CPU, no momentum, mixed dtypes, a partial state)
+                or len({p.dtype for p in params.values()}) != 1 \
+                or len({id(p) for p in params.values()}) != len(params):
+            return False  # (one by one: CPU, no momentum, mixed dtypes, a partial state, a shared array)
         from .functional import cuda
         first = not buffers
         new = {name: xp.empty_like(p) for name, p in params.items()} if first else buffers

@@ -432,3 +432,43 @@ def test_cupy_sgd_step_that_fails_leaves_no_velocity():
     with pytest.raises(ValueError, match="one dtype"):
         opt.step()
     assert opt.state["momentum_buffer"] == {}
+
+
+@pytest.mark.gpu
+def test_cupy_one_launch_paths_fall_back_where_they_cannot_apply(rng):
+    """zero_grad with mixed gradient dtypes, and SGD with one array registered under two
+    names (tied weights), go array by array on a GPU as on the CPU: same results."""
+    from minires import backend
+    if not backend.cupy_available():
+        pytest.skip("needs CuPy and a GPU")
+    import cupy
+
+    def tied(xp):
+        model = Tiny(np.float64)
+        shared = xp.asarray(rng.normal(size=(3,)))
+        modules = [m for _, m in model.named_modules() if m.params]
+        for m in modules[:2]:
+            m.params = dict(m.params, tied=shared)
+            m.grads = dict(m.grads, tied=xp.zeros(3))
+        return model, shared
+
+    results = []
+    for xp in (np, cupy):
+        state = rng.bit_generator.state
+        model, shared = tied(xp)
+        rng.bit_generator.state = state
+        for _, module in model.named_modules():
+            module.params = {k: xp.asarray(v) if k != "tied" else v for k, v in module.params.items()}
+            module.grads = {k: xp.asarray(v) if k != "tied" else v for k, v in module.grads.items()}
+        opt = optim.SGD(model, lr=0.1, momentum=0.9)
+        for g in model.named_grads().values():
+            g[...] = 1.0
+        opt.step()
+        opt.step()
+        results.append(backend.to_numpy(shared))
+        first = next(iter(model.named_grads().values()))
+        module = next(m for _, m in model.named_modules() if m.grads)
+        module.grads[next(iter(module.grads))] = first.astype(np.float32)  # mixed dtypes now
+        model.zero_grad()
+        assert all(float(abs(g).sum()) == 0 for g in model.named_grads().values())
+    np.testing.assert_allclose(results[1], results[0], rtol=1e-12)

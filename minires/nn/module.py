@@ -173,7 +173,8 @@ class Module:
 
     def zero_grad(self):
         grads = list(self.named_grads().values())
-        if grads and backend.get_array_module(*grads) is not numpy:
+        if (grads and backend.get_array_module(*grads) is not numpy and len({g.dtype for g in grads}) == 1
+                and all(g.flags.c_contiguous for g in grads)):
             from ..functional import cuda  # a GPU: one launch for all (one per array costs ~60)
             cuda.zero_many(grads)
             return
