@@ -35,6 +35,8 @@ PRELUDE = r"""
 #include <cmath>
 using std::sqrt;
 using std::isfinite;
+using std::exp;
+using std::log;
 struct emu_dim3 { unsigned x, y, z; };
 static thread_local emu_dim3 threadIdx = {0, 0, 0}, blockIdx = {0, 0, 0};
 static emu_dim3 blockDim = {1, 1, 1}, gridDim = {1, 1, 1};

@@ -18,7 +18,7 @@ import pytest
 
 import cuda_emulator
 from minires import backend, optim
-from minires.functional import activation, batchnorm, conv, cuda
+from minires.functional import activation, batchnorm, conv, cuda, loss
 from minires.nn.module import Module
 
 # (N, C, H, W, kh, kw, stride, padding): pad 0/1/2, stride 1/2/3, non-square
@@ -431,6 +431,36 @@ def test_col2im_into_out(emulated, rng):
         cuda.col2im(cols, x_shape, *args, out=numpy.zeros(x_shape[::-1]).T)
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("N, K, scale", [(5, 10, 1.0), (1, 3, 1.0), (4, 1, 1.0), (6, 7, 1e4)],
+                         ids=["5x10", "1x3", "one-class", "huge-logits"])
+def test_softmax_cross_entropy(emulated, N, K, scale, dtype, rng):
+    """The two kernels against loss.py's NumPy forward (loss, probabilities) and backward."""
+    emulated.shape = (3, 4)
+    logits = (rng.normal(size=(N, K)) * scale).astype(dtype)
+    labels = rng.integers(0, K, N)
+    loss_ref, (probs_ref, _) = loss.softmax_cross_entropy_forward(logits, labels)
+    got, (probs, got_labels) = cuda.softmax_cross_entropy_forward(logits, labels)
+    tol = {"rtol": 1e-12, "atol": 1e-12} if dtype == numpy.float64 else {"rtol": 1e-5, "atol": 1e-6}
+    assert got.dtype == dtype and got.shape == () and got_labels.dtype == numpy.int64
+    numpy.testing.assert_allclose(got, loss_ref, **tol)
+    numpy.testing.assert_allclose(probs, probs_ref, **tol)
+    dlogits = cuda.softmax_cross_entropy_backward(0.5, probs, labels)
+    numpy.testing.assert_allclose(dlogits, loss.softmax_cross_entropy_backward(0.5, (probs_ref, labels)), **tol)
+    assert [name for name, *_ in emulated] == ["softmax_xent_forward", "softmax_xent_backward"]
+
+
+def test_softmax_cross_entropy_kernels_reject_bad_labels(emulated):
+    logits = numpy.zeros((3, 4))
+    with pytest.raises(ValueError, match=r"int64 labels of shape \(3,\)"):
+        cuda.softmax_cross_entropy_forward(logits, numpy.zeros(3, numpy.int32))
+    with pytest.raises(ValueError, match=r"int64 labels of shape \(3,\)"):
+        cuda.softmax_cross_entropy_backward(1.0, logits, numpy.zeros(2, numpy.int64))
+    with pytest.raises(ValueError, match="logits"):
+        cuda.softmax_cross_entropy_forward(numpy.zeros((0, 4)), numpy.zeros(0, numpy.int64))
+    assert emulated == []
+
+
 # --------------------------------------------------------------------------
 # many arrays in one launch, emulated
 # --------------------------------------------------------------------------
@@ -666,3 +696,17 @@ def test_gpu_many_array_kernels(cp, dtype, rng):
     assert int(cuda.flag_nonfinite_many(device_grads)[0]) == 1
     cuda.zero_many(device_grads)
     assert all(not cp.asnumpy(g).any() for g in device_grads)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_gpu_softmax_cross_entropy(cp, dtype, rng):
+    logits = (rng.normal(size=(128, 10)) * 3).astype(dtype)
+    labels = rng.integers(0, 10, 128)
+    loss_ref, cache_ref = loss.softmax_cross_entropy_forward(logits, labels)
+    got, (probs, _) = cuda.softmax_cross_entropy_forward(cp.asarray(logits), cp.asarray(labels))
+    tol = {"rtol": 1e-12, "atol": 1e-12} if dtype == numpy.float64 else {"rtol": 1e-5, "atol": 1e-6}
+    numpy.testing.assert_allclose(float(got), loss_ref, **tol)
+    numpy.testing.assert_allclose(cp.asnumpy(probs), cache_ref[0], **tol)
+    dlogits = cuda.softmax_cross_entropy_backward(1.0, probs, cp.asarray(labels))
+    numpy.testing.assert_allclose(cp.asnumpy(dlogits), loss.softmax_cross_entropy_backward(1.0, cache_ref), **tol)

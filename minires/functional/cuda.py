@@ -13,6 +13,8 @@ correct but costs many kernel launches per op, each a full pass over memory:
   centre, scale, shift: ~21 launches), ``bn_backward_sums`` + ``bn_backward_dx`` its backward
   (``batchnorm2d_forward`` / ``batchnorm2d_backward``);
 * ``relu_backward`` fuses ``dout * (out > 0)`` (two launches and a mask array);
+* ``softmax_xent_forward`` / ``softmax_xent_backward`` replace the softmax
+  cross-entropy of ``loss.py`` (~11 and ~4 launches on (N, K) arrays);
 * ``sgd_momentum_step`` is :meth:`minires.optim.SGD._update` with momentum
   (weight decay, velocity, step: ~6 launches per parameter);
 * ``zero_many``, ``sgd_momentum_step_many`` and ``flag_nonfinite_many`` work on
@@ -297,6 +299,40 @@ extern "C" __global__ void flag_nonfinite_many(const unsigned long long* ptrs, c
     }
 }
 
+// ---- softmax cross-entropy forward, one row (example) per thread ----
+// With m = max_k z[n, k] and lse = log sum_k exp(z[n, k] - m) (log-sum-exp: exp
+// never overflows, log never sees 0), as loss.py:
+//   probs[n, k] = exp(z[n, k] - m - lse),   losses[n] = -(z[n, y_n] - m - lse)
+// The batch's loss is the mean of losses (one more launch). Labels must lie
+// in [0, K): the caller checks them first.
+extern "C" __global__ void softmax_xent_forward(const T* logits, const long long* labels, T* probs,
+                                                T* losses, int N, int K)
+{
+    for (int n = blockIdx.x * blockDim.x + threadIdx.x; n < N; n += blockDim.x * gridDim.x) {
+        const T* z = logits + (long long)n * K;
+        T m = z[0];
+        for (int k = 1; k < K; ++k) m = z[k] > m ? z[k] : m;
+        T sum = 0;
+        for (int k = 0; k < K; ++k) sum += exp(z[k] - m);
+        const T lse = log(sum);
+        for (int k = 0; k < K; ++k) probs[(long long)n * K + k] = exp(z[k] - m - lse);
+        losses[n] = -(z[labels[n]] - m - lse);
+    }
+}
+
+// ---- softmax cross-entropy backward: dlogits = (probs - onehot(labels)) * scale ----
+// scale = dloss / N (element-wise over the N*K entries).
+extern "C" __global__ void softmax_xent_backward(const T* probs, const long long* labels, T* dlogits,
+                                                 int N, int K, T scale)
+{
+    const long long total = (long long)N * K;
+    for (long long t = blockIdx.x * (long long)blockDim.x + threadIdx.x; t < total;
+         t += (long long)blockDim.x * gridDim.x) {
+        const int n = t / K, k = t % K;
+        dlogits[t] = (probs[t] - (k == labels[n] ? (T)1 : (T)0)) * scale;
+    }
+}
+
 // ---- ReLU backward: dx = dout * (out > 0) ----
 // A multiply rather than a select, as the xp version: a NaN in dout stays
 // visible even where the unit is off.
@@ -565,6 +601,41 @@ def relu_backward(dout, out):
     dx = xp.empty_like(dout)
     _launch("relu_backward", dout.dtype, *elementwise_grid(dx.size), (dout, out, dx, numpy.int64(dx.size)))
     return dx
+
+
+def _xent_labels(name, labels, N):
+    if tuple(labels.shape) != (N,) or labels.dtype != numpy.int64:
+        raise ValueError(f"{name}: expected int64 labels of shape ({N},), got {labels.dtype} "
+                         f"of shape {tuple(labels.shape)}")
+    return get_array_module(labels).ascontiguousarray(labels)
+
+
+def softmax_cross_entropy_forward(logits, labels):
+    """As :func:`minires.functional.loss.softmax_cross_entropy_forward`, labels already checked.
+
+    logits (N, K) float, labels (N,) int64 in [0, K). Two launches (the rows,
+    then their mean). Returns (loss as a 0-d array, (probs, labels)).
+    """
+    xp, (logits,) = _inputs("softmax_cross_entropy_forward", logits)
+    if logits.ndim != 2 or logits.shape[0] == 0:
+        raise ValueError(f"softmax_cross_entropy_forward: expected logits (N, K) with N > 0, "
+                         f"got shape {tuple(logits.shape)}")
+    N, K = logits.shape
+    labels = _xent_labels("softmax_cross_entropy_forward", labels, N)
+    probs, losses = xp.empty_like(logits), xp.empty(N, dtype=logits.dtype)
+    _launch("softmax_xent_forward", logits.dtype, *elementwise_grid(N), (logits, labels, probs, losses, N, K))
+    return losses.mean(), (probs, labels)
+
+
+def softmax_cross_entropy_backward(dloss, probs, labels):
+    """dlogits = dloss * (probs - onehot(labels)) / N, one launch; dloss a Python number."""
+    xp, (probs,) = _inputs("softmax_cross_entropy_backward", probs)
+    N, K = probs.shape
+    labels = _xent_labels("softmax_cross_entropy_backward", labels, N)
+    dlogits = xp.empty_like(probs)
+    _launch("softmax_xent_backward", probs.dtype, *elementwise_grid(probs.size),
+            (probs, labels, dlogits, N, K, probs.dtype.type(dloss / N)))
+    return dlogits
 
 
 def sgd_momentum_step(p, grad, buf, lr, momentum, weight_decay, nesterov, first):
