@@ -353,6 +353,11 @@ def _blas_line(blas):
     return "BLAS: " + ("; ".join(pools) if pools else "no BLAS thread pool found")
 
 
+def _round_ratio(runs, i):
+    """minires / torch step medians of round i: how much the ratio itself moves between rounds."""
+    return runs["minires"][i]["phases_ms"]["step"]["median"] / runs["torch"][i]["phases_ms"]["step"]["median"]
+
+
 def _print_layers(layers, print_fn):
     rows, step_ms = layers["rows"], layers["step_ms"]
     print_fn(f"\nper layer (median over the timed steps, ms; synchronized around each layer)")
@@ -402,7 +407,8 @@ def run_bench(args, print_fn=print):
         line = f"  round {i + 1}/{rounds}: minires {runs['minires'][-1]['phases_ms']['step']['median']:8.1f} ms"
         if args.compare:
             runs["torch"].append(_run_worker(args, "torch", layers=False))
-            line += f"   torch {runs['torch'][-1]['phases_ms']['step']['median']:8.1f} ms"
+            line += (f"   torch {runs['torch'][-1]['phases_ms']['step']['median']:8.1f} ms"
+                     f"   ratio {_round_ratio(runs, -1):.2f}x")
         print_fn(line)
 
     result = {"model": args.model, "batch": args.batch, "input_shape": list(args.input), "backend": args.backend,
@@ -417,6 +423,7 @@ def run_bench(args, print_fn=print):
         theirs = result["torch"] = _combine(runs["torch"])
         theirs["images_per_s"] = 1000 * args.batch / theirs["phases_ms"]["step"]["median"]
         result["ratio"] = mine["phases_ms"]["step"]["median"] / theirs["phases_ms"]["step"]["median"]
+        result["round_ratios"] = [_round_ratio(runs, i) for i in range(rounds)]
         result["rss_ratio"] = mine["peak_rss_mib"] / theirs["peak_rss_mib"]
         cudnn = f", cuDNN {theirs['versions']['cudnn']}" if "cudnn" in theirs["versions"] else ""
         print_fn(f"torch {theirs['versions']['torch']}{cudnn}, {theirs['num_threads']} threads; "
@@ -454,8 +461,9 @@ def run_bench(args, print_fn=print):
     verdict = "yes" if f32["ok"] else "NO: " + ", ".join(f32["not_float32"][:5])
     print_fn(f"float32 end to end: {verdict} ({f32['activations']} activations, {f32['gradients']} gradients checked)")
     if args.compare:
-        print_fn(f"\nminires / torch: {result['ratio']:.2f}x the step time, "
-                 f"{result['rss_ratio']:.2f}x the peak memory")
+        spread = result["round_ratios"]
+        print_fn(f"\nminires / torch: {result['ratio']:.2f}x the step time (rounds: {min(spread):.2f}x "
+                 f"to {max(spread):.2f}x), {result['rss_ratio']:.2f}x the peak memory")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(result, f, indent=1)

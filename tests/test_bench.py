@@ -77,6 +77,8 @@ def test_bench_compare_torch_interleaved(tmp_path):
     assert len(mine["phases_ms"]["step"]["all"]) == len(theirs["phases_ms"]["step"]["all"]) == 2
     assert data["ratio"] == pytest.approx(mine["phases_ms"]["step"]["median"] / theirs["phases_ms"]["step"]["median"])
     assert data["rss_ratio"] == pytest.approx(mine["peak_rss_mib"] / theirs["peak_rss_mib"])
+    assert data["round_ratios"] == pytest.approx([a / b for a, b in zip(mine["phases_ms"]["step"]["all"],
+                                                                        theirs["phases_ms"]["step"]["all"])])
     assert theirs["peak_rss_mib"] > 0 and theirs["versions"]["torch"]
     assert "minires / torch:" in result.stdout
 
