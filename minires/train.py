@@ -157,7 +157,8 @@ def first_nonfinite_grad(model):
     if not grads:
         return None
     xp = backend.get_array_module(*grads.values())
-    if xp is not numpy and len({g.dtype for g in grads.values()}) == 1:
+    if (xp is not numpy and len({g.dtype for g in grads.values()}) == 1
+            and all(g.flags.c_contiguous for g in grads.values())):
         from .functional import cuda
         if not int(cuda.flag_nonfinite_many(grads.values())[0]):
             return None
