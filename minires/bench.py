@@ -360,7 +360,7 @@ def _round_ratio(runs, i):
 
 def _print_layers(layers, print_fn):
     rows, step_ms = layers["rows"], layers["step_ms"]
-    print_fn(f"\nper layer (median over the timed steps, ms; synchronized around each layer)")
+    print_fn("\nper layer (median over the timed steps, ms; synchronized around each layer)")
     print_fn(f"{'layer':<26} {'type':<18} {'output':<14} {'forward':>9} {'backward':>9}")
     for r in rows:
         shape = "x".join(map(str, r["output_shape"] or ()))

@@ -33,6 +33,7 @@ import math
 import numpy
 
 from . import backend
+from .functional import cuda
 
 
 # ---------------------------------------------------------------------------
@@ -210,13 +211,12 @@ class SGD(Optimizer):
 
     def _update_all(self, params, grads):
         """On a GPU with momentum: all parameters in one kernel launch (not one each)."""
-        xp = backend.get_array_module(*params.values())
         buffers = self.state["momentum_buffer"] if self.momentum else None
-        if xp is numpy or buffers is None or (buffers and buffers.keys() != params.keys()) \
-                or len({p.dtype for p in params.values()}) != 1 \
+        if buffers is None or (buffers and buffers.keys() != params.keys()) \
+                or not cuda.fits_one_launch(params.values()) \
                 or len({id(p) for p in params.values()}) != len(params):
-            return False  # (one by one: CPU, no momentum, mixed dtypes, a partial state, a shared array)
-        from .functional import cuda
+            return False  # (one by one: CPU, no momentum, a partial state, mixed dtypes, a shared array)
+        xp = backend.get_array_module(*params.values())
         first = not buffers
         new = {name: xp.empty_like(p) for name, p in params.items()} if first else buffers
         names = list(params)
@@ -228,7 +228,6 @@ class SGD(Optimizer):
 
     def _update(self, name, p, g, xp):
         if xp is not numpy and self.momentum:  # a GPU: the same update in one kernel launch
-            from .functional import cuda
             buf = self.state["momentum_buffer"].get(name)
             first = buf is None
             if first:

@@ -25,6 +25,7 @@ import numpy
 from . import backend
 from .checkpoint import CheckpointError, check_model_config, load_checkpoint, save_checkpoint
 from .data import DATASETS, DataLoader, load_dataset, subset
+from .functional import cuda
 from .models import build_model
 from .nn import CrossEntropyLoss
 from .optim import SGD, Adam, AdamW, CosineLR, LinearWarmup, MultiStepLR, he2016_cifar
@@ -157,9 +158,7 @@ def first_nonfinite_grad(model):
     if not grads:
         return None
     xp = backend.get_array_module(*grads.values())
-    if (xp is not numpy and len({g.dtype for g in grads.values()}) == 1
-            and all(g.flags.c_contiguous for g in grads.values())):
-        from .functional import cuda
+    if cuda.fits_one_launch(grads.values()):
         if not int(cuda.flag_nonfinite_many(grads.values())[0]):
             return None
     elif bool(xp.isfinite(xp.stack([g.sum() for g in grads.values()])).all()):

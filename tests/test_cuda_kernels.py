@@ -710,3 +710,17 @@ def test_gpu_softmax_cross_entropy(cp, dtype, rng):
     numpy.testing.assert_allclose(cp.asnumpy(probs), cache_ref[0], **tol)
     dlogits = cuda.softmax_cross_entropy_backward(1.0, probs, cp.asarray(labels))
     numpy.testing.assert_allclose(cp.asnumpy(dlogits), loss.softmax_cross_entropy_backward(1.0, cache_ref), **tol)
+
+
+def test_fits_one_launch_wants_device_arrays():
+    assert not cuda.fits_one_launch([numpy.zeros(3)])  # host arrays: the CPU code path
+    assert not cuda.fits_one_launch([])
+
+
+@pytest.mark.gpu
+def test_gpu_fits_one_launch(cp):
+    a, b = cp.zeros((2, 3)), cp.zeros(4)
+    assert cuda.fits_one_launch([a, b])
+    assert not cuda.fits_one_launch([a, b.astype(cp.float32)])  # one dtype per launch
+    assert not cuda.fits_one_launch([a.T, b])  # written through addresses: contiguous only
+    assert not cuda.fits_one_launch([cp.zeros(3, dtype=cp.int32)])

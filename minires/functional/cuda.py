@@ -659,6 +659,15 @@ def sgd_momentum_step(p, grad, buf, lr, momentum, weight_decay, nesterov, first)
 # --------------------------------------------------------------------------
 # many arrays in one launch
 # --------------------------------------------------------------------------
+def fits_one_launch(arrays):
+    """Whether the ``_many`` kernels below take these arrays: CuPy arrays of one
+    float dtype, all C-contiguous. (Otherwise callers go array by array.)"""
+    arrays = list(arrays)
+    return (bool(arrays) and get_array_module(*arrays) is not numpy
+            and len({a.dtype for a in arrays}) == 1 and arrays[0].dtype.name in _CTYPES
+            and all(a.flags.c_contiguous for a in arrays))
+
+
 def _address_table(name, arrays, distinct=False):
     """(xp, dtype, total size, device table of the arrays' addresses, device running sizes).
 

@@ -17,6 +17,7 @@ needs) and ``backward(dout) -> dx``.
 import numpy
 
 from .. import backend
+from ..functional import cuda
 
 
 def check_sizes(owner, minimum=1, **sizes):
@@ -173,9 +174,7 @@ class Module:
 
     def zero_grad(self):
         grads = list(self.named_grads().values())
-        if (grads and backend.get_array_module(*grads) is not numpy and len({g.dtype for g in grads}) == 1
-                and all(g.flags.c_contiguous for g in grads)):
-            from ..functional import cuda  # a GPU: one launch for all (one per array costs ~60)
+        if cuda.fits_one_launch(grads):  # a GPU: one launch for all (one per array costs ~60)
             cuda.zero_many(grads)
             return
         for g in grads:
