@@ -43,7 +43,8 @@ CASES = [
     (2, 2, 8, 8, 3, (2, 2), 3, 0, True),    # stride > kernel: some pixels unused
     (2, 2, 4, 5, 3, (4, 5), 1, 0, True),    # kernel == input: a single output
     (2, 1, 3, 3, 2, (5, 5), 1, 1, False),   # kernel == padded input
-    # "same" convolutions (stride 1, 2*padding = kernel - 1): the shifted-line path
+    # "same" convolutions (stride 1, 2*padding = kernel - 1): the shifted-line path;
+    # dw comes from dout's columns where C >= F, from x's columns where C < F
     (2, 3, 6, 5, 2, (3, 1), 1, (1, 0), True),
     (2, 2, 5, 6, 3, (1, 3), 1, (0, 1), False),
     (2, 2, 7, 6, 3, (5, 3), 1, (2, 1), True),
@@ -51,6 +52,9 @@ CASES = [
     (2, 2, 1, 1, 2, (3, 3), 1, 1, False),   # 1x1 image
     (1, 2, 1, 2, 3, (5, 5), 1, 2, True),    # kernel reaches past the image on both sides
     (2, 2, 2, 3, 2, (7, 3), 1, (3, 1), True),  # ... by more than the image's height
+    (2, 4, 6, 5, 2, (5, 5), 1, 2, True),    # C > F, kernel 5x5
+    (2, 4, 5, 6, 3, (1, 1), 1, 0, False),   # 1x1, C > F
+    (3, 3, 6, 6, 3, (3, 3), 1, 1, False),   # C == F, as in a ResNet block
 ]
 
 

@@ -45,15 +45,18 @@ Speed notes for the fast path (why the code looks the way it does):
   columns are kh*kw times larger than x, and writing them all to RAM and
   reading them back costs more than the arithmetic. The chunks run on all
   CPU cores (:func:`minires.parallel.map_chunks`), each thread building its
-  columns in its own reused buffer. The backward rebuilds each chunk's
-  columns from x instead of keeping them from the forward, which would hold
-  ~1 GB of columns for a ResNet-20 step. On CuPy the whole batch is one chunk
+  columns in its own reused buffer. The backward builds each chunk's
+  columns again (from x; for "same" convolutions from dout, below) instead
+  of keeping them from the forward, which would hold ~1 GB of columns for a
+  ResNet-20 step. On CuPy the whole batch is one chunk
   (a GPU wants one large GEMM).
 * "Same" convolutions at stride 1 (3x3 padding 1, 1x1 padding 0) lay each
   channel out as one line, so that every row of ``cols`` is one contiguous
   shifted slice of it (:func:`_same_cols`), and compute dx as another "same"
-  convolution, of dout with the flipped kernel: no col2im. Other geometries
-  use the general strided-view :func:`im2col` / :func:`col2im`.
+  convolution, of dout with the flipped kernel: no col2im. The columns of
+  dout built for that also give dw, so x's columns are not rebuilt at all
+  (dw[f, c, i, j] = sum_q dcols[(f, kh-1-i, kw-1-j), q] * x[c, q]). Other
+  geometries use the general strided-view :func:`im2col` / :func:`col2im`.
 """
 import numpy
 from numpy.lib.stride_tricks import as_strided  # fast path only: on a GPU, cuda.py's kernels
@@ -395,16 +398,25 @@ def _backward_chunk(dout, x, w, stride, padding, dx):
 
     # "Same" convolution: dx is itself a "same" convolution, of dout with the
     # kernel flipped and its in/out channels swapped (docs/backward/conv2d.md),
-    # so no col2im is needed. dout gets the same line layout as x; its middle
-    # part is dout_mat for dw.
+    # so no col2im is needed: dout gets the line layout of x, and its columns.
     P = n * H * W
-    dline = _same_line(dout, ph, pw, "dline")
     lead = ph * W + pw
-    dout_mat = dline[:, lead:lead + P]  # (F, n*H*W): dout[m, f, y, x] at m*H*W + y*W + x
-    cols = _same_im2col(x, kh, kw)  # rebuilt, see module docstring
-    dw_mat = (cols @ dout_mat.T).T  # = dout_mat @ cols.T, the faster orientation (above)
+    dline = _same_line(dout, ph, pw, "dline")
+    if C < F:
+        # Few input channels (a stem conv on RGB images): dw from x's columns,
+        # cheap to build here; the product below would have only C columns,
+        # a shape OpenBLAS runs slowly.
+        dout_mat = dline[:, lead:lead + P]  # (F, n*H*W): dout[m, f, y, x] at m*H*W + y*W + x
+        dw_mat = (_same_im2col(x, kh, kw) @ dout_mat.T).T  # = dout_mat @ cols.T, faster (above)
+        dcols = _same_cols(dline, kh, kw, n, H, W)  # (F*kh*kw, n*H*W), in the scratch of cols
+    else:
+        # dout's columns give dw too, so x's columns need not be rebuilt:
+        #   dw[f, c, i, j] = sum_q dcols[(f, kh-1-i, kw-1-j), q] * x_mat[c, q]
+        dcols = _same_cols(dline, kh, kw, n, H, W)
+        x_mat = _same_line(x, 0, 0, "line")  # (C, n*H*W): x itself, channels first
+        dw_flipped = (dcols @ x_mat.T).reshape(F, kh, kw, C)
+        dw_mat = dw_flipped[:, ::-1, ::-1].transpose(0, 3, 1, 2).reshape(F, C * kh * kw)
     w_flip = w[:, :, ::-1, ::-1].transpose(1, 0, 2, 3).reshape(C, F * kh * kw)
-    dcols = _same_cols(dline, kh, kw, n, H, W)  # reuses the scratch of cols
     dx_mat = scratch(xp, "out", (C, P), xp.result_type(w_flip, dcols))
     xp.matmul(w_flip, dcols, out=dx_mat)
     dx[...] = dx_mat.reshape(C, n, H, W).transpose(1, 0, 2, 3)
@@ -449,7 +461,7 @@ def conv2d_backward(dout, cache):
     dx = xp.empty(x.shape, dtype=xp.result_type(dout, w))
     rows = x.shape[1]
     if _is_same(kh, kw, stride, padding):
-        rows = max(rows, F)  # this path also builds dout's columns, F*kh*kw rows
+        rows = max(rows, F)  # this path builds dout's columns, F*kh*kw rows
     per_image = _bytes_per_image(rows, kh, kw, out_hw, x.itemsize)
 
     def one_chunk(chunk):  # writes its slice of dx, returns its share of dw
