@@ -158,7 +158,7 @@ def train_network(name, config, data, log=print):
                 logits = model(x)
                 loss = loss_fn(logits, y)
                 model.zero_grad()
-                model.backward(loss_fn.backward())
+                model.backward(loss_fn.backward(), input_grad=False)
                 lr = opt.lr
                 opt.step()
                 schedule.step()

@@ -6,7 +6,7 @@ One training step, exactly as a learner would write it::
     logits = model(x)                      # forward, each layer keeps its cache
     loss = loss_fn(logits, y)              # softmax cross-entropy, a float
     model.zero_grad()                      # gradients accumulate: clear them
-    model.backward(loss_fn.backward())     # backward, last layer first
+    model.backward(loss_fn.backward(), input_grad=False)  # backward, last layer first
     opt.step()                             # p -= lr * (update from the gradients)
     schedule.step()                        # lr for the next iteration
 
@@ -207,7 +207,7 @@ def train_one_epoch(model, loader, loss_fn, opt, schedule, epoch, progress=True)
             raise NonFiniteError(f"loss became {loss} at epoch {epoch}, batch {len(batch_losses)}; "
                                  f"first non-finite value in: {where}")
         model.zero_grad()
-        model.backward(loss_fn.backward())
+        model.backward(loss_fn.backward(), input_grad=False)  # (no gradient of the images)
         bad = first_nonfinite_grad(model)
         if bad is not None:
             raise NonFiniteError(f"gradient of {bad} became NaN/inf at epoch {epoch}, batch {len(batch_losses)}")

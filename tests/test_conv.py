@@ -292,6 +292,22 @@ def test_backend_matches_numpy(case, xp, rng):
             _assert_close(backend.to_numpy(g), g_ref)
 
 
+@pytest.mark.parametrize("case", [CASES[1], CASES[4], CASES[18], CASES[-2], CASES[-3]], ids=_ids)
+def test_input_grad_false_skips_dx_only(case, chunking, xp, rng):
+    """input_grad=False: dx is None, dw and db are those of the full backward
+    (general path, "same" path with C < F, C > F and C == F; CuPy where available)."""
+    x, w, b, stride, padding = _make(rng, case)
+    x, w, b = (None if a is None else backend.to_device(a) for a in (x, w, b))
+    out, cache = conv2d_forward(x, w, b, stride, padding)
+    dout = backend.to_device(rng.standard_normal(out.shape))
+    dx, dw, db = conv2d_backward(dout, cache)
+    no_dx, dw_only, db_only = conv2d_backward(dout, cache, input_grad=False)
+    assert dx is not None and no_dx is None
+    _assert_close(backend.to_numpy(dw_only), backend.to_numpy(dw))
+    if b is not None:
+        _assert_close(backend.to_numpy(db_only), backend.to_numpy(db))
+
+
 # --------------------------------------------------------------------------
 # errors
 # --------------------------------------------------------------------------

@@ -61,6 +61,27 @@ def test_whole_model_gradcheck(kind):
     assert max(errors.values()) < 1e-7, errors
 
 
+def test_backward_without_input_grad():
+    """model.backward(dout, input_grad=False): no gradient for the images (None),
+    the same parameter gradients; the next plain backward returns dx again."""
+    backend.manual_seed(0)
+    model = models.resnet20(in_channels=2, num_classes=3)
+    x = numpy.random.default_rng(0).standard_normal((2, 2, 8, 8)).astype(numpy.float32)
+    dout = numpy.random.default_rng(1).standard_normal((2, 3)).astype(numpy.float32)
+    grads = []
+    for input_grad in (True, False, True):
+        model(x)
+        model.zero_grad()
+        dx = model.backward(dout, input_grad=input_grad)
+        assert (dx is None) == (not input_grad)
+        if input_grad:
+            assert dx.shape == x.shape
+        grads.append({k: g.copy() for k, g in model.named_grads().items()})
+    for name, g in grads[0].items():
+        assert numpy.array_equal(grads[1][name], g), name
+        assert numpy.array_equal(grads[2][name], g), name
+
+
 def test_zero_init_residual_makes_blocks_identity():
     backend.manual_seed(0)
     model = models.resnet20(zero_init_residual=True)

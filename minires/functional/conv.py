@@ -380,7 +380,8 @@ def _forward_chunk(x, w_mat, kh, kw, stride, padding, out_hw):
 
 def _backward_chunk(dout, x, w, stride, padding, dx):
     """Gradients for one chunk: writes dx (n, C, H, W), this chunk's slice of the
-    whole dx, and returns dw_mat (F, C*kh*kw), this chunk's share of dw."""
+    whole dx (unless dx is None), and returns dw_mat (F, C*kh*kw), this chunk's
+    share of dw."""
     xp = get_array_module(dout, x)
     n, F, Ho, Wo = dout.shape
     C, H, W = x.shape[1:]
@@ -393,7 +394,8 @@ def _backward_chunk(dout, x, w, stride, padding, dx):
         # same GEMM, but OpenBLAS runs this orientation 1.3-1.7x faster for
         # F = 64..16 (a tall-skinny output instead of a short-wide one).
         dw_mat = (cols @ dout_mat.T).T
-        col2im(w.reshape(F, -1).T @ dout_mat, x.shape, kh, kw, stride, padding, out=dx)
+        if dx is not None:
+            col2im(w.reshape(F, -1).T @ dout_mat, x.shape, kh, kw, stride, padding, out=dx)
         return dw_mat
 
     # "Same" convolution: dx is itself a "same" convolution, of dout with the
@@ -408,18 +410,20 @@ def _backward_chunk(dout, x, w, stride, padding, dx):
         # a shape OpenBLAS runs slowly.
         dout_mat = dline[:, lead:lead + P]  # (F, n*H*W): dout[m, f, y, x] at m*H*W + y*W + x
         dw_mat = (_same_im2col(x, kh, kw) @ dout_mat.T).T  # = dout_mat @ cols.T, faster (above)
-        dcols = _same_cols(dline, kh, kw, n, H, W)  # (F*kh*kw, n*H*W), in the scratch of cols
     else:
         # dout's columns give dw too, so x's columns need not be rebuilt:
         #   dw[f, c, i, j] = sum_q dcols[(f, kh-1-i, kw-1-j), q] * x_mat[c, q]
-        dcols = _same_cols(dline, kh, kw, n, H, W)
+        dcols = _same_cols(dline, kh, kw, n, H, W)  # (F*kh*kw, n*H*W)
         x_mat = _same_line(x, 0, 0, "line")  # (C, n*H*W): x itself, channels first
         dw_flipped = (dcols @ x_mat.T).reshape(F, kh, kw, C)
         dw_mat = dw_flipped[:, ::-1, ::-1].transpose(0, 3, 1, 2).reshape(F, C * kh * kw)
-    w_flip = w[:, :, ::-1, ::-1].transpose(1, 0, 2, 3).reshape(C, F * kh * kw)
-    dx_mat = scratch(xp, "out", (C, P), xp.result_type(w_flip, dcols))
-    xp.matmul(w_flip, dcols, out=dx_mat)
-    dx[...] = dx_mat.reshape(C, n, H, W).transpose(1, 0, 2, 3)
+    if dx is not None:
+        if C < F:
+            dcols = _same_cols(dline, kh, kw, n, H, W)  # in the scratch of x's columns
+        w_flip = w[:, :, ::-1, ::-1].transpose(1, 0, 2, 3).reshape(C, F * kh * kw)
+        dx_mat = scratch(xp, "out", (C, P), xp.result_type(w_flip, dcols))
+        xp.matmul(w_flip, dcols, out=dx_mat)
+        dx[...] = dx_mat.reshape(C, n, H, W).transpose(1, 0, 2, 3)
     return dw_mat
 
 
@@ -450,22 +454,28 @@ def conv2d_forward(x, w, b=None, stride=1, padding=0):
     return out, (x, w, b, stride, padding)
 
 
-def conv2d_backward(dout, cache):
-    """Gradients of :func:`conv2d_forward`. Returns (dx, dw, db); db is None without bias."""
+def conv2d_backward(dout, cache, input_grad=True):
+    """Gradients of :func:`conv2d_forward`. Returns (dx, dw, db); db is None without bias.
+
+    ``input_grad=False`` skips dx (returned as None): a network's first
+    convolution reads the images, whose gradient training does not need, and
+    dx is the larger part of its backward.
+    """
     # BEGIN ASSIGNMENT conv2d_backward
     x, w, b, stride, padding = cache
     xp = get_array_module(dout, x, w)
     N, F, kh, kw = x.shape[0], w.shape[0], w.shape[2], w.shape[3]
     stride, padding, out_hw = _conv_geometry(x, w, b, stride, padding)
     _check_dout(dout, (N, F) + out_hw)
-    dx = xp.empty(x.shape, dtype=xp.result_type(dout, w))
+    dx = xp.empty(x.shape, dtype=xp.result_type(dout, w)) if input_grad else None
     rows = x.shape[1]
     if _is_same(kh, kw, stride, padding):
         rows = max(rows, F)  # this path builds dout's columns, F*kh*kw rows
     per_image = _bytes_per_image(rows, kh, kw, out_hw, x.itemsize)
 
     def one_chunk(chunk):  # writes its slice of dx, returns its share of dw
-        return _backward_chunk(dout[chunk], x[chunk], w, stride, padding, dx[chunk])
+        return _backward_chunk(dout[chunk], x[chunk], w, stride, padding,
+                               None if dx is None else dx[chunk])
 
     dw_mat, *more = map_chunks(one_chunk, _batch_chunks(xp, N, per_image))
     for dw_chunk in more:

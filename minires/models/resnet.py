@@ -26,8 +26,18 @@ class ResNet(nn.Module):
             x = layer(x)
         return x
 
-    def backward(self, dout):
-        for layer in reversed(self.layers()):
+    def backward(self, dout, input_grad=True):
+        """Backpropagate ``dout`` (dL/dlogits): every parameter's gradient is added
+        into its ``grads``; returns dL/dx for the input images.
+
+        ``input_grad=False`` returns None instead, and the first convolution skips
+        computing dx, the larger part of its backward: training needs only the
+        parameters' gradients (PyTorch skips it too, for images that do not
+        require grad).
+        """
+        layers = self.layers()
+        layers[0].input_grad = input_grad  # the stem conv, which reads the images
+        for layer in reversed(layers):
             dout = layer.backward(dout)
         return dout
 

@@ -15,7 +15,13 @@ class Conv2d(Module):
 
     weight (C_out, C_in, kh, kw), Kaiming-normal with fan_out as torchvision's
     ResNet; bias (C_out,) uniform in +-1/sqrt(fan_in) as PyTorch.
+
+    ``input_grad`` (default True): False makes ``backward`` skip dx and return
+    None, for a layer whose input is the data (``ResNet.backward`` sets it on
+    its first convolution when asked not to return the images' gradient).
     """
+
+    input_grad = True
 
     def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=0, bias=True):
         super().__init__()
@@ -37,7 +43,7 @@ class Conv2d(Module):
         return out
 
     def backward(self, dout):
-        dx, dw, db = conv2d_backward(dout, self.pop_cache())
+        dx, dw, db = conv2d_backward(dout, self.pop_cache(), input_grad=self.input_grad)
         self.grads["weight"] += dw
         if db is not None:
             self.grads["bias"] += db
