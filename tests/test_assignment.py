@@ -197,7 +197,7 @@ def test_plausible_wrong_answers_fail_with_a_useful_hint(tmp_path):
     ref = reference_bodies()
     wrong = {
         # ReLU mask from >= 0 on the output: true everywhere, so nothing is blocked
-        "relu_backward": edited(ref["relu_backward"], "out[c] > 0", "out[c] >= 0"),
+        "relu_backward": edited(ref["relu_backward"], "xp.greater(", "xp.greater_equal("),
         # dw transposed: (D, M) instead of (M, D)
         "linear_backward": edited(ref["linear_backward"], "dout.T @ x", "x.T @ dout"),
         # the eval-mode formula used in training mode too

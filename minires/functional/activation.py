@@ -41,7 +41,11 @@ def relu_backward(dout, cache):
         from .cuda import relu_backward as relu_backward_kernel
         return relu_backward_kernel(dout, out)
     dx = xp.empty_like(dout)
-    # dx = dout * (out > 0), chunk by chunk on all CPU cores
-    map_chunks(lambda c: xp.multiply(dout[c], out[c] > 0, out=dx[c]), chunks_of(xp, dx))
+
+    def dx_chunk(c):  # dx = dout * [out > 0], chunk by chunk on all CPU cores
+        xp.greater(out[c], 0, out=dx[c])  # the mask, as 1.0 / 0.0, written into dx itself
+        dx[c] *= dout[c]  # (two float passes: ~1.5x faster than a bool mask times floats)
+
+    map_chunks(dx_chunk, chunks_of(xp, dx))
     return dx
     # END ASSIGNMENT relu_backward
