@@ -6,9 +6,12 @@ One training step, exactly as a learner would write it::
     logits = model(x)                      # forward, each layer keeps its cache
     loss = loss_fn(logits, y)              # softmax cross-entropy, a float
     model.zero_grad()                      # gradients accumulate: clear them
-    model.backward(loss_fn.backward(), input_grad=False)  # backward, last layer first
+    model.backward(loss_fn.backward())     # backward, last layer first
     opt.step()                             # p -= lr * (update from the gradients)
     schedule.step()                        # lr for the next iteration
+
+(:func:`train_one_epoch` asks a ResNet's backward for ``input_grad=False``:
+the gradient of the images is not needed, and skipping it saves time.)
 
 Outputs in ``config.out``: ``history.json`` (one record per epoch),
 ``checkpoint.npz`` (model + optimizer + schedule + RNG state, written
@@ -26,7 +29,7 @@ from . import backend
 from .checkpoint import CheckpointError, check_model_config, load_checkpoint, save_checkpoint
 from .data import DATASETS, DataLoader, load_dataset, subset
 from .functional import cuda
-from .models import build_model
+from .models import ResNet, build_model
 from .nn import CrossEntropyLoss
 from .optim import SGD, Adam, AdamW, CosineLR, LinearWarmup, MultiStepLR, he2016_cifar
 
@@ -207,7 +210,11 @@ def train_one_epoch(model, loader, loss_fn, opt, schedule, epoch, progress=True)
             raise NonFiniteError(f"loss became {loss} at epoch {epoch}, batch {len(batch_losses)}; "
                                  f"first non-finite value in: {where}")
         model.zero_grad()
-        model.backward(loss_fn.backward(), input_grad=False)  # (no gradient of the images)
+        dlogits = loss_fn.backward()
+        if isinstance(model, ResNet):  # its first conv can skip the images' gradient, unused here
+            model.backward(dlogits, input_grad=False)
+        else:
+            model.backward(dlogits)
         bad = first_nonfinite_grad(model)
         if bad is not None:
             raise NonFiniteError(f"gradient of {bad} became NaN/inf at epoch {epoch}, batch {len(batch_losses)}")

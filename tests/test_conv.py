@@ -120,9 +120,10 @@ def test_output_size_formula(rng):
     sh=st.integers(1, 3), sw=st.integers(1, 3),
     ph=st.integers(0, 2), pw=st.integers(0, 2),
     bias=st.booleans(), chunk=st.sampled_from([1, conv.CHUNK_BYTES]),
-    seed=st.integers(0, 2**16),
+    seed=st.integers(0, 2**16), input_grad=st.booleans(),
 )
-def test_fast_matches_naive_random_shapes(n, c, f, h, w, kh, kw, sh, sw, ph, pw, bias, chunk, seed):
+def test_fast_matches_naive_random_shapes(n, c, f, h, w, kh, kw, sh, sw, ph, pw, bias, chunk, seed,
+                                          input_grad):
     if kh > h + 2 * ph or kw > w + 2 * pw:
         return  # invalid geometry, covered by the error tests
     gen = numpy.random.default_rng(seed)
@@ -133,17 +134,48 @@ def test_fast_matches_naive_random_shapes(n, c, f, h, w, kh, kw, sh, sw, ph, pw,
     try:
         out, cache = conv2d_forward(x, wt, b, (sh, sw), (ph, pw))
         dout = gen.standard_normal(out.shape)
-        grads = conv2d_backward(dout, cache)
+        grads = conv2d_backward(dout, cache, input_grad=input_grad)
     finally:
         conv.CHUNK_BYTES = saved
     out_n, cache_n = conv2d_forward_naive(x, wt, b, (sh, sw), (ph, pw))
     grads_n = conv2d_backward_naive(dout, cache_n)
     _assert_close(out, out_n)
+    if not input_grad:
+        assert grads[0] is None
+        grads, grads_n = grads[1:], grads_n[1:]
     for g, g_n in zip(grads, grads_n):
         if g is None:
             assert g_n is None
         else:
             _assert_close(g, g_n)
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    n=st.integers(1, 3), c=st.integers(1, 5), f=st.integers(1, 5),
+    h=st.integers(1, 7), w=st.integers(1, 7),
+    kh=st.sampled_from([1, 3, 5]), kw=st.sampled_from([1, 3, 5]),
+    chunk=st.sampled_from([1, conv.CHUNK_BYTES]), seed=st.integers(0, 2**16), input_grad=st.booleans(),
+)
+def test_same_convolutions_match_naive(n, c, f, h, w, kh, kw, chunk, seed, input_grad):
+    """Random "same" convolutions (stride 1, padding (k - 1) / 2): the shifted-line
+    path, with dw from dout's columns (C >= F) or from x's (C < F)."""
+    gen = numpy.random.default_rng(seed)
+    x, wt = gen.standard_normal((n, c, h, w)), gen.standard_normal((f, c, kh, kw))
+    padding = ((kh - 1) // 2, (kw - 1) // 2)
+    saved, conv.CHUNK_BYTES = conv.CHUNK_BYTES, chunk
+    try:
+        out, cache = conv2d_forward(x, wt, None, 1, padding)
+        dout = gen.standard_normal(out.shape)
+        dx, dw, _ = conv2d_backward(dout, cache, input_grad=input_grad)
+    finally:
+        conv.CHUNK_BYTES = saved
+    dx_n, dw_n, _ = conv2d_backward_naive(dout, conv2d_forward_naive(x, wt, None, 1, padding)[1])
+    _assert_close(dw, dw_n)
+    if input_grad:
+        _assert_close(dx, dx_n)
+    else:
+        assert dx is None
 
 
 # --------------------------------------------------------------------------
@@ -292,10 +324,16 @@ def test_backend_matches_numpy(case, xp, rng):
             _assert_close(backend.to_numpy(g), g_ref)
 
 
-@pytest.mark.parametrize("case", [CASES[1], CASES[4], CASES[18], CASES[-2], CASES[-3]], ids=_ids)
+def _is_same_case(case):
+    _, _, _, _, _, (kh, kw), stride, padding, _ = case
+    pad = padding if isinstance(padding, tuple) else (padding, padding)
+    return stride == 1 and 2 * pad[0] == kh - 1 and 2 * pad[1] == kw - 1
+
+
+@pytest.mark.parametrize("case", [c for c in CASES if _is_same_case(c)] + [CASES[4]], ids=_ids)
 def test_input_grad_false_skips_dx_only(case, chunking, xp, rng):
     """input_grad=False: dx is None, dw and db are those of the full backward
-    (general path, "same" path with C < F, C > F and C == F; CuPy where available)."""
+    (every "same" case: C < F, C > F and C == F; one general case; CuPy where available)."""
     x, w, b, stride, padding = _make(rng, case)
     x, w, b = (None if a is None else backend.to_device(a) for a in (x, w, b))
     out, cache = conv2d_forward(x, w, b, stride, padding)

@@ -80,6 +80,12 @@ def test_backward_without_input_grad():
     for name, g in grads[0].items():
         assert numpy.array_equal(grads[1][name], g), name
         assert numpy.array_equal(grads[2][name], g), name
+    # the first conv skipped dx for that one pass only: alone, it still returns dx
+    model(x)
+    model.backward(dout, input_grad=False)
+    assert model.conv1.input_grad
+    conv1_in = numpy.random.default_rng(2).standard_normal((2, 2, 8, 8))
+    assert max(check_module(model.conv1, conv1_in, num_checks=4).values()) < 1e-7
 
 
 def test_zero_init_residual_makes_blocks_identity():

@@ -688,3 +688,15 @@ def test_checkpoint_is_readable_like_any_other_file(tmp_path):
     mask = os.umask(0)
     os.umask(mask)
     assert stat.S_IMODE(path.stat().st_mode) == 0o666 & ~mask
+
+
+def test_train_one_epoch_takes_any_model():
+    """A model without ResNet.backward's input_grad keyword (a Sequential) trains too."""
+    backend.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(36, 3))
+    opt = SGD(model, 0.1)
+    before = model.named_parameters()["1.weight"].copy()
+    loss, acc, _, _ = train_one_epoch(model, synthetic_loader(), nn.CrossEntropyLoss(), opt, None, 1,
+                                      progress=False)
+    assert numpy.isfinite(loss) and 0 <= acc <= 1
+    assert not numpy.array_equal(model.named_parameters()["1.weight"], before)

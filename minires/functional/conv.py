@@ -54,9 +54,10 @@ Speed notes for the fast path (why the code looks the way it does):
   channel out as one line, so that every row of ``cols`` is one contiguous
   shifted slice of it (:func:`_same_cols`), and compute dx as another "same"
   convolution, of dout with the flipped kernel: no col2im. The columns of
-  dout built for that also give dw, so x's columns are not rebuilt at all
-  (dw[f, c, i, j] = sum_q dcols[(f, kh-1-i, kw-1-j), q] * x[c, q]). Other
-  geometries use the general strided-view :func:`im2col` / :func:`col2im`.
+  dout built for that also give dw, so x's columns are not rebuilt
+  (dw[f, c, i, j] = sum_q dcols[(f, kh-1-i, kw-1-j), q] * x[c, q]), unless
+  there are fewer input than output channels. Other geometries use the
+  general strided-view :func:`im2col` / :func:`col2im`.
 """
 import numpy
 from numpy.lib.stride_tricks import as_strided  # fast path only: on a GPU, cuda.py's kernels
@@ -402,24 +403,24 @@ def _backward_chunk(dout, x, w, stride, padding, dx):
     # kernel flipped and its in/out channels swapped (docs/backward/conv2d.md),
     # so no col2im is needed: dout gets the line layout of x, and its columns.
     P = n * H * W
-    lead = ph * W + pw
     dline = _same_line(dout, ph, pw, "dline")
-    if C < F:
-        # Few input channels (a stem conv on RGB images): dw from x's columns,
-        # cheap to build here; the product below would have only C columns,
-        # a shape OpenBLAS runs slowly.
+    # dout's columns give dw too, so x's columns need not be rebuilt:
+    #   dw[f, c, i, j] = sum_q dcols[(f, kh-1-i, kw-1-j), q] * x[c, q]
+    # except with few input channels (a stem conv on RGB images): then x's
+    # columns are cheap, and that product, with only C columns, runs slowly.
+    dw_from_dcols = C >= F
+    if not dw_from_dcols:
+        lead = ph * W + pw
         dout_mat = dline[:, lead:lead + P]  # (F, n*H*W): dout[m, f, y, x] at m*H*W + y*W + x
         dw_mat = (_same_im2col(x, kh, kw) @ dout_mat.T).T  # = dout_mat @ cols.T, faster (above)
-    else:
-        # dout's columns give dw too, so x's columns need not be rebuilt:
-        #   dw[f, c, i, j] = sum_q dcols[(f, kh-1-i, kw-1-j), q] * x_mat[c, q]
-        dcols = _same_cols(dline, kh, kw, n, H, W)  # (F*kh*kw, n*H*W)
-        x_mat = _same_line(x, 0, 0, "line")  # (C, n*H*W): x itself, channels first
-        dw_flipped = (dcols @ x_mat.T).reshape(F, kh, kw, C)
+    if dw_from_dcols or dx is not None:
+        # (F*kh*kw, n*H*W); overwrites x's columns (one scratch), done with above
+        dcols = _same_cols(dline, kh, kw, n, H, W)
+    if dw_from_dcols:
+        x_mat = _same_line(x, 0, 0, "line")  # (C, n*H*W): x.transpose(1, 0, 2, 3), reshaped
+        dw_flipped = (dcols @ x_mat.T).reshape(F, kh, kw, C)  # [f, kh-1-i, kw-1-j, c]
         dw_mat = dw_flipped[:, ::-1, ::-1].transpose(0, 3, 1, 2).reshape(F, C * kh * kw)
     if dx is not None:
-        if C < F:
-            dcols = _same_cols(dline, kh, kw, n, H, W)  # in the scratch of x's columns
         w_flip = w[:, :, ::-1, ::-1].transpose(1, 0, 2, 3).reshape(C, F * kh * kw)
         dx_mat = scratch(xp, "out", (C, P), xp.result_type(w_flip, dcols))
         xp.matmul(w_flip, dcols, out=dx_mat)
@@ -468,9 +469,9 @@ def conv2d_backward(dout, cache, input_grad=True):
     stride, padding, out_hw = _conv_geometry(x, w, b, stride, padding)
     _check_dout(dout, (N, F) + out_hw)
     dx = xp.empty(x.shape, dtype=xp.result_type(dout, w)) if input_grad else None
-    rows = x.shape[1]
+    rows = x.shape[1]  # x's columns, C*kh*kw rows
     if _is_same(kh, kw, stride, padding):
-        rows = max(rows, F)  # this path builds dout's columns, F*kh*kw rows
+        rows = F  # the largest columns this path builds are dout's, F*kh*kw rows
     per_image = _bytes_per_image(rows, kh, kw, out_hw, x.itemsize)
 
     def one_chunk(chunk):  # writes its slice of dx, returns its share of dw

@@ -36,10 +36,14 @@ class ResNet(nn.Module):
         require grad).
         """
         layers = self.layers()
-        layers[0].input_grad = input_grad  # the stem conv, which reads the images
-        for layer in reversed(layers):
-            dout = layer.backward(dout)
-        return dout
+        stem = layers[0]  # the first conv, which reads the images
+        stem.input_grad = input_grad  # (for this pass only: see finally)
+        try:
+            for layer in reversed(layers):
+                dout = layer.backward(dout)
+        finally:
+            stem.input_grad = True
+        return dout if input_grad else None
 
     def blocks(self):
         """Every residual/plain block, from input to output."""
