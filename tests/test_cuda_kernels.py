@@ -98,9 +98,10 @@ def _reference_bn(forward, x, gamma, beta, training, rng):
 def _kernel_bn_forward(x, gamma, beta, running_mean, running_var, training, eps=1e-5):
     """The forward as batchnorm.py's CuPy branch composes the wrappers (running stats
     updated in place in training)."""
-    mean, var = cuda.batchnorm_forward_stats(x) if training else (running_mean, running_var)
-    m = x.size // x.shape[1]
-    inv_std = cuda.batchnorm_finish_stats(mean, var, running_mean, running_var, eps, 0.1, m, training)
+    if training:
+        mean, inv_std = cuda.batchnorm_train_stats(x, running_mean, running_var, eps, 0.1)
+    else:
+        mean, inv_std = running_mean, cuda.batchnorm_eval_inv_std(running_var, eps)
     x_hat, out = cuda.batchnorm_normalize(x, mean, inv_std, gamma, beta)
     return out, x_hat, inv_std
 
@@ -216,22 +217,49 @@ def test_conv_wrappers_reject_bad_input(emulated):
 # --------------------------------------------------------------------------
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape", BN_SHAPES)
-def test_batchnorm_stats(emulated, shape, dtype, rng):
+def test_batchnorm_train_stats(emulated, shape, dtype, rng):
+    """mean, inv_std (biased variance), the running-stat update of batchnorm.py's NumPy
+    code and num_batches_tracked += 1, in one launch."""
     x = _bn_inputs(rng, shape, dtype)[0]
-    mean, var = cuda.batchnorm_forward_stats(x)
-    assert mean.shape == var.shape == (shape[1],) and mean.dtype == var.dtype == x.dtype
+    x[:, 0] = 3  # a constant channel: inv_std = 1 / sqrt(eps)
+    C = shape[1]
+    running_mean, running_var = rng.normal(size=C).astype(dtype), rng.uniform(0.5, 2, size=C).astype(dtype)
+    expected_mean, expected_var = running_mean.copy(), running_var.copy()
     x64 = x.astype(numpy.float64)
+    m = x.size // C
+    batchnorm._update_running(expected_mean, expected_var, x64.mean(axis=(0, 2, 3)), x64.var(axis=(0, 2, 3)),
+                              0.1, m)
+    batches = numpy.array(7, dtype=numpy.int64)  # the module's num_batches_tracked
+    mean, inv_std = cuda.batchnorm_train_stats(x, running_mean, running_var, 1e-5, 0.1, batches)
+    assert int(batches) == 8
+    assert mean.shape == inv_std.shape == (C,) and mean.dtype == inv_std.dtype == x.dtype
     tol = {"rtol": 1e-12, "atol": 1e-14} if dtype == numpy.float64 else {"rtol": 1e-5, "atol": 1e-6}
     numpy.testing.assert_allclose(mean, x64.mean(axis=(0, 2, 3)), **tol)
-    numpy.testing.assert_allclose(var, x64.var(axis=(0, 2, 3)), **tol)  # biased
-    assert emulated == [("bn_stats", *cuda.channel_grid(shape[1]))]
+    numpy.testing.assert_allclose(inv_std, 1 / numpy.sqrt(x64.var(axis=(0, 2, 3)) + 1e-5), **tol)
+    numpy.testing.assert_allclose(running_mean, expected_mean, **tol)
+    numpy.testing.assert_allclose(running_var, expected_var, **tol)  # unbiased variance
+    assert emulated == [("bn_stats", *cuda.channel_grid(C))]
+    cuda.batchnorm_train_stats(x, running_mean, running_var, 1e-5, 0.1)  # no counter given
+    assert int(batches) == 8
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_batchnorm_eval_inv_std(emulated, dtype, rng):
+    running_var = rng.uniform(0, 3, size=5).astype(dtype)
+    running_var[0] = 0
+    inv_std = cuda.batchnorm_eval_inv_std(running_var, 1e-5)
+    assert inv_std.dtype == dtype and inv_std.shape == (5,)
+    numpy.testing.assert_allclose(inv_std, 1 / numpy.sqrt(running_var + dtype(1e-5)), rtol=1e-6)
+    assert emulated == [("bn_eval_inv_std", *cuda.elementwise_grid(5))]
 
 
 def test_batchnorm_variance_two_pass_is_robust(emulated, rng):
     """|mean| >> std in float32: E[x^2] - mean^2 would lose every digit of the variance."""
     x = (1000 + rng.normal(size=(8, 2, 6, 6))).astype(numpy.float32)
-    _, var = cuda.batchnorm_forward_stats(x)
-    numpy.testing.assert_allclose(var, x.astype(numpy.float64).var(axis=(0, 2, 3)), rtol=1e-3)
+    _, inv_std = cuda.batchnorm_train_stats(x, numpy.zeros(2, numpy.float32), numpy.ones(2, numpy.float32),
+                                            1e-5, 0.1)
+    numpy.testing.assert_allclose(inv_std, 1 / numpy.sqrt(x.astype(numpy.float64).var(axis=(0, 2, 3)) + 1e-5),
+                                  rtol=1e-3)
 
 
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
@@ -302,37 +330,16 @@ def test_batchnorm_backward_matches_numerical_gradient(emulated, rng):
 def test_batchnorm_reductions_any_launch_shape(emulated, shape, rng):
     emulated.shape = shape
     x, gamma, beta = _bn_inputs(rng, (3, 3, 4, 5), numpy.float64)
-    mean, var = cuda.batchnorm_forward_stats(x)
+    batches = numpy.array(0, dtype=numpy.int64)
+    mean, inv_std = cuda.batchnorm_train_stats(x, numpy.zeros(3), numpy.ones(3), 1e-5, 0.1, batches)
     numpy.testing.assert_allclose(mean, x.mean(axis=(0, 2, 3)), rtol=1e-12)
-    numpy.testing.assert_allclose(var, x.var(axis=(0, 2, 3)), rtol=1e-12)
+    numpy.testing.assert_allclose(inv_std, 1 / numpy.sqrt(x.var(axis=(0, 2, 3)) + 1e-5), rtol=1e-12)
+    assert int(batches) == 1  # counted once, whatever the number of blocks
     _, cache = batchnorm.batchnorm2d_forward(x, gamma, beta, numpy.zeros(3), numpy.ones(3))
     dout = rng.normal(size=x.shape)
     for got, expected in zip(cuda.batchnorm_backward(dout, cache[0], gamma, cache[2], True),
                              batchnorm.batchnorm2d_backward(dout, cache)):
         numpy.testing.assert_allclose(got, expected, rtol=1e-10, atol=1e-12)
-
-
-@pytest.mark.parametrize("update", [True, False], ids=["train", "eval"])
-@pytest.mark.parametrize("dtype", DTYPES)
-def test_batchnorm_finish_stats(emulated, dtype, update, rng):
-    """inv_std and the running-stat update of batchnorm.py's NumPy code, in one launch."""
-    mean = rng.normal(size=5).astype(dtype)
-    var = rng.uniform(0, 3, size=5).astype(dtype)
-    var[0] = 0  # a constant channel: inv_std = 1 / sqrt(eps)
-    running_mean, running_var = rng.normal(size=5).astype(dtype), rng.uniform(0.5, 2, size=5).astype(dtype)
-    expected_mean, expected_var = running_mean.copy(), running_var.copy()
-    if update:
-        batchnorm._update_running(expected_mean, expected_var, mean, var, 0.1, 12)
-    batches = numpy.array(7, dtype=numpy.int64)  # the module's num_batches_tracked
-    inv_std = cuda.batchnorm_finish_stats(mean, var, running_mean, running_var, 1e-5, 0.1, 12, update,
-                                          num_batches_tracked=batches)
-    assert int(batches) == (8 if update else 7)
-    assert inv_std.dtype == dtype and inv_std.shape == (5,)
-    tol = {"rtol": 1e-14, "atol": 0} if dtype == numpy.float64 else {"rtol": 1e-6, "atol": 0}
-    numpy.testing.assert_allclose(inv_std, 1 / numpy.sqrt(var + dtype(1e-5)), **tol)
-    numpy.testing.assert_allclose(running_mean, expected_mean, **tol)
-    numpy.testing.assert_allclose(running_var, expected_var, **tol)
-    assert emulated == [("bn_finish_stats", *cuda.elementwise_grid(5))]
 
 
 def test_batchnorm_wrappers_reject_bad_input(emulated):
@@ -344,15 +351,15 @@ def test_batchnorm_wrappers_reject_bad_input(emulated):
         cuda.batchnorm_normalize(x, c, c, c.astype(numpy.float32), c)
     with pytest.raises(ValueError, match="x_hat of shape"):
         cuda.batchnorm_backward(x, x[:1], c, c, True)
-    with pytest.raises(ValueError, match="no values per channel"):
-        cuda.batchnorm_forward_stats(x[:0])
+    with pytest.raises(ValueError, match="more than one value per channel"):
+        cuda.batchnorm_train_stats(x[:0], c.copy(), c.copy(), 1e-5, 0.1)
     with pytest.raises(ValueError, match=r"running_var of shape \(3,\)"):
-        cuda.batchnorm_finish_stats(c, c, c.copy(), numpy.ones(4), 1e-5, 0.1, 10, True)
+        cuda.batchnorm_train_stats(x, c.copy(), numpy.ones(4), 1e-5, 0.1)
     with pytest.raises(ValueError, match="updated in place must be C-contiguous"):
-        cuda.batchnorm_finish_stats(c, c, c.copy(), numpy.ones(6)[::2], 1e-5, 0.1, 10, True)
+        cuda.batchnorm_train_stats(x, c.copy(), numpy.ones(6)[::2], 1e-5, 0.1)
     for bad in (numpy.zeros(1, numpy.int64), numpy.int64(0), 0):  # a scalar would be passed by value
         with pytest.raises(ValueError, match="num_batches_tracked as a 0-d int64 array"):
-            cuda.batchnorm_finish_stats(c, c, c.copy(), c.copy(), 1e-5, 0.1, 10, True, bad)
+            cuda.batchnorm_train_stats(x, c.copy(), c.copy(), 1e-5, 0.1, bad)
     assert emulated == []
 
 
@@ -597,11 +604,9 @@ def test_gpu_batchnorm(cp, shape, dtype, training, rng):
     g, b = cp.asarray(gamma), cp.asarray(beta)
     running_mean, running_var = cp.asarray(rm), cp.asarray(rv)  # rm, rv: before the reference's update
     if training:
-        mean, var = cuda.batchnorm_forward_stats(cp.asarray(x))
+        mean, inv_std = cuda.batchnorm_train_stats(cp.asarray(x), running_mean, running_var, 1e-5, 0.1)
     else:
-        mean, var = running_mean, running_var
-    inv_std = cuda.batchnorm_finish_stats(mean, var, running_mean, running_var, 1e-5, 0.1,
-                                          x.size // x.shape[1], training)
+        mean, inv_std = running_mean, cuda.batchnorm_eval_inv_std(running_var, 1e-5)
     x_hat, out = cuda.batchnorm_normalize(cp.asarray(x), mean, inv_std, g, b)
     tol = {"rtol": 1e-10, "atol": 1e-10} if dtype == numpy.float64 else {"rtol": 1e-4, "atol": 1e-4}
     if training:
@@ -649,10 +654,15 @@ def test_gpu_kernels_any_launch_shape(cp, launch, rng):
     kernel = cuda._module("float64").get_function
     kernel("im2col")((launch[0],), (launch[1],), cuda.kernel_args((cp.asarray(x), cols) + geometry))
     numpy.testing.assert_array_equal(cp.asnumpy(cols), expected)
-    mean, var = cp.full(6, cp.nan), cp.full(6, cp.nan)
-    kernel("bn_stats")((launch[0],), (launch[1],), cuda.kernel_args((cp.asarray(x), mean, var, 3, 6, 35)))
+    mean, inv_std = cp.full(6, cp.nan), cp.full(6, cp.nan)
+    running_mean, running_var, batches = cp.zeros(6), cp.ones(6), cp.zeros((), dtype=cp.int64)
+    f = numpy.float64  # the kernel's T
+    kernel("bn_stats")((launch[0],), (launch[1],), cuda.kernel_args(
+        (cp.asarray(x), mean, inv_std, running_mean, running_var, batches, 3, 6, 35,
+         f(1e-5), f(0.9), f(0.1), f(0.1 * 105 / 104), 1)))
     numpy.testing.assert_allclose(cp.asnumpy(mean), x.mean(axis=(0, 2, 3)), rtol=1e-12)
-    numpy.testing.assert_allclose(cp.asnumpy(var), x.var(axis=(0, 2, 3)), rtol=1e-12)
+    numpy.testing.assert_allclose(cp.asnumpy(inv_std), 1 / numpy.sqrt(x.var(axis=(0, 2, 3)) + 1e-5), rtol=1e-12)
+    assert int(batches) == 1
 
 
 @pytest.mark.gpu

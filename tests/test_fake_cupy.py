@@ -131,5 +131,6 @@ def test_device_operations_of_a_training_step():
     assert result.returncode == 0, result.stderr[-3000:]
     ops = eval(result.stdout.strip().splitlines()[-1])
     assert (ops["zero_grad"], ops["check"], ops["optimizer"]) == (1, 2, 1), ops
-    # 614 before the one-launch kernels, 385 with them, 383 without the images' gradient
-    assert sum(ops.values()) <= 383, ops
+    # 614 before the one-launch kernels, 385 with them, 383 without the images' gradient,
+    # 364 with BatchNorm's statistics and their finishing in one launch
+    assert sum(ops.values()) <= 364, ops

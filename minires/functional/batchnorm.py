@@ -122,12 +122,13 @@ def batchnorm2d_forward(x, gamma, beta, running_mean, running_var,
         raise ValueError(
             f"batchnorm2d: training needs more than one value per channel, got x of shape {tuple(x.shape)}"
         )
-    if xp is not numpy:  # a GPU: three kernel launches (functional/cuda.py)
+    if xp is not numpy:  # a GPU: two kernel launches (functional/cuda.py)
         from . import cuda
-        mean, var = cuda.batchnorm_forward_stats(x) if training else (running_mean, running_var)
-        # inv_std, and in training the running-stat update of _update_running
-        inv_std = cuda.batchnorm_finish_stats(mean, var, running_mean, running_var, eps, momentum, m,
-                                              update=training, num_batches_tracked=num_batches_tracked)
+        if training:  # mean, inv_std, the running-stat update of _update_running, the count
+            mean, inv_std = cuda.batchnorm_train_stats(x, running_mean, running_var, eps, momentum,
+                                                       num_batches_tracked)
+        else:
+            mean, inv_std = running_mean, cuda.batchnorm_eval_inv_std(running_var, eps)
         x_hat, out = cuda.batchnorm_normalize(x, mean, inv_std, gamma, beta)
         return out, (x_hat, gamma, inv_std, training)
 

@@ -8,9 +8,9 @@ correct but costs many kernel launches per op, each a full pass over memory:
 * ``col2im`` replaces :func:`minires.functional.conv.col2im` (a zero fill, one
   ``+=`` per kernel offset and a cropping copy: 11 launches for 3x3); it
   *gathers*, so it needs no atomics;
-* ``bn_stats`` + ``bn_finish_stats`` + ``bn_normalize`` replace the BatchNorm
-  forward (mean, var, inv_std, the running-stat update, num_batches_tracked,
-  centre, scale, shift: ~21 launches), ``bn_backward_sums`` + ``bn_backward_dx`` its backward
+* ``bn_stats`` + ``bn_normalize`` replace the BatchNorm forward in training
+  (mean, var, inv_std, the running-stat update, num_batches_tracked, centre,
+  scale, shift: ~21 launches), ``bn_backward_sums`` + ``bn_backward_dx`` its backward
   (``batchnorm2d_forward`` / ``batchnorm2d_backward``);
 * ``relu_backward`` fuses ``dout * (out > 0)`` (two launches and a mask array);
 * ``softmax_xent_forward`` / ``softmax_xent_backward`` replace the softmax
@@ -120,15 +120,26 @@ __device__ T block_sum(T* partial, T v)
     return total;
 }
 
-// ---- BatchNorm statistics: mean[c], var[c] over the M = N*L values of channel c ----
+// ---- BatchNorm training statistics over the M = N*L values of each channel c ----
+// mean[c] and var = the biased variance, then, in place:
+//   inv_std[c]      = 1 / sqrt(var + eps)
+//   running_mean[c] = keep * running_mean[c] + momentum * mean[c]
+//   running_var[c]  = keep * running_var[c]  + var_weight * var
+// (keep = 1 - momentum, var_weight = momentum * M / (M - 1): the unbiased
+// variance) and, if count, the module's num_batches_tracked (batches[0] += 1).
 // x is (N, C, L) with L = H*W; value k of channel c is x[(k / L) * C*L + c*L + k % L].
 // One block per channel (grid-stride over channels); its threads stride over
 // the values, so neighbouring threads read neighbouring addresses. Two passes:
 // the mean, then the mean of (x - mean)^2 (biased variance), which stays
-// accurate when |mean| >> std, unlike E[x^2] - mean^2.
-extern "C" __global__ void bn_stats(const T* x, T* mean, T* var, int N, int C, int L)
+// accurate when |mean| >> std, unlike E[x^2] - mean^2. One launch for what
+// took ~10 tiny ones over (C,) arrays after the reductions.
+extern "C" __global__ void bn_stats(const T* x, T* mean, T* inv_std,
+                                    INOUT T* running_mean, INOUT T* running_var,
+                                    INOUT long long* batches, int N, int C, int L, T eps, T keep,
+                                    T momentum, T var_weight, int count)
 {
     __shared__ T partial[REDUCE_THREADS];
+    if (count && blockIdx.x == 0 && threadIdx.x == 0) batches[0] += 1;
     const long long M = (long long)N * L;
     for (int c = blockIdx.x; c < C; c += gridDim.x) {
         const T* xc = x + (long long)c * L;
@@ -141,30 +152,21 @@ extern "C" __global__ void bn_stats(const T* x, T* mean, T* var, int N, int C, i
             s += d * d;
         }
         const T sq = block_sum(partial, s);
-        if (threadIdx.x == 0) { mean[c] = mu; var[c] = sq / (T)M; }
+        if (threadIdx.x == 0) {
+            const T var = sq / (T)M;
+            mean[c] = mu;
+            inv_std[c] = (T)1 / sqrt(var + eps);
+            running_mean[c] = keep * running_mean[c] + momentum * mu;
+            running_var[c] = keep * running_var[c] + var_weight * var;
+        }
     }
 }
 
-// ---- BatchNorm per-channel scalars, after bn_stats (eval: from the running stats) ----
-// inv_std = 1 / sqrt(var + eps); with update, also the running statistics, in place:
-//   running_mean = keep * running_mean + momentum * mean
-//   running_var  = keep * running_var  + var_weight * var
-// (keep = 1 - momentum, var_weight = momentum * M / (M - 1): the unbiased variance)
-// and, if count, the module's num_batches_tracked (batches[0] += 1).
-// One launch instead of ~10 tiny ones over (C,) arrays.
-extern "C" __global__ void bn_finish_stats(const T* mean, const T* var, T* inv_std,
-                                           INOUT T* running_mean, INOUT T* running_var,
-                                           INOUT long long* batches, int C, T eps, T keep,
-                                           T momentum, T var_weight, int update, int count)
+// ---- BatchNorm inv_std in eval mode, from the running variance ----
+extern "C" __global__ void bn_eval_inv_std(const T* running_var, T* inv_std, int C, T eps)
 {
-    if (update && count && blockIdx.x == 0 && threadIdx.x == 0) batches[0] += 1;
-    for (int c = blockIdx.x * blockDim.x + threadIdx.x; c < C; c += blockDim.x * gridDim.x) {
-        inv_std[c] = (T)1 / sqrt(var[c] + eps);
-        if (update) {
-            running_mean[c] = keep * running_mean[c] + momentum * mean[c];
-            running_var[c] = keep * running_var[c] + var_weight * var[c];
-        }
-    }
+    for (int c = blockIdx.x * blockDim.x + threadIdx.x; c < C; c += blockDim.x * gridDim.x)
+        inv_std[c] = (T)1 / sqrt(running_var[c] + eps);
 }
 
 // ---- x_hat = (x - mean) * inv_std,  out = gamma * x_hat + beta (element-wise) ----
@@ -495,20 +497,6 @@ def _ncl(x):
     return N, C, H * W
 
 
-def batchnorm_forward_stats(x):
-    """Per-channel mean and biased variance of x (N, C, H, W): two (C,) arrays of x's dtype.
-
-    One launch (two passes over each channel, in one block per channel).
-    """
-    xp, (x,) = _inputs("batchnorm_forward_stats", x)
-    N, C, H, W = _nchw("batchnorm_forward_stats x", x)
-    if N * H * W == 0:
-        raise ValueError(f"batchnorm_forward_stats: no values per channel in x of shape {tuple(x.shape)}")
-    mean, var = xp.empty(C, dtype=x.dtype), xp.empty(C, dtype=x.dtype)
-    _launch("bn_stats", x.dtype, *channel_grid(C), (x, mean, var) + _ncl(x))
-    return mean, var
-
-
 def _inplace(name, *arrays):
     """Arrays a kernel updates in place must be C-contiguous (a copy would drop the update)."""
     for a in arrays:
@@ -516,36 +504,49 @@ def _inplace(name, *arrays):
             raise ValueError(f"{name}: arrays updated in place must be C-contiguous, got strides {a.strides}")
 
 
-def batchnorm_finish_stats(mean, var, running_mean, running_var, eps, momentum, m, update,
-                           num_batches_tracked=None):
-    """inv_std = 1 / sqrt(var + eps), per channel; with ``update``, also the running stats.
+def batchnorm_train_stats(x, running_mean, running_var, eps, momentum, num_batches_tracked=None):
+    """The per-channel statistics of a training-mode BatchNorm forward, in one launch.
 
-    The running stats are updated in place, as ``batchnorm._update_running``
-    (momentum, and the unbiased variance ``var * m / (m - 1)`` for m values per
-    channel), and so is ``num_batches_tracked`` if given (a 0-d int64 array,
-    += 1). All four other arrays (C,) of one dtype. One launch; returns inv_std.
+    x (N, C, H, W). Returns (mean, inv_std), (C,) arrays of x's dtype, with
+    inv_std = 1 / sqrt(var + eps) from the biased variance; updates the
+    running stats in place as ``batchnorm._update_running`` (momentum, and the
+    unbiased variance ``var * m / (m - 1)`` for m = N*H*W values per channel),
+    and ``num_batches_tracked`` if given (a 0-d int64 array, += 1).
     """
-    xp, (mean, var, _, _) = _inputs("batchnorm_finish_stats", mean, var, running_mean, running_var)
-    C = mean.shape[0]
-    _per_channel("batchnorm_finish_stats", C, var=var, running_mean=running_mean, running_var=running_var)
-    _inplace("batchnorm_finish_stats", running_mean, running_var)
+    xp, (x, _, _) = _inputs("batchnorm_train_stats", x, running_mean, running_var)
+    N, C, H, W = _nchw("batchnorm_train_stats x", x)
+    m = N * H * W
+    if m < 2:
+        raise ValueError(f"batchnorm_train_stats: training needs more than one value per channel, "
+                         f"got x of shape {tuple(x.shape)}")
+    _per_channel("batchnorm_train_stats", C, running_mean=running_mean, running_var=running_var)
+    _inplace("batchnorm_train_stats", running_mean, running_var)
     count = num_batches_tracked is not None
     if count:
         if (not isinstance(num_batches_tracked, xp.ndarray) or num_batches_tracked.shape != ()
                 or num_batches_tracked.dtype != numpy.int64):
             got = num_batches_tracked
-            raise ValueError(f"batchnorm_finish_stats: expected num_batches_tracked as a 0-d int64 array, "
+            raise ValueError(f"batchnorm_train_stats: expected num_batches_tracked as a 0-d int64 array, "
                              f"got {type(got).__name__} of shape {getattr(got, 'shape', None)} "
                              f"and dtype {getattr(got, 'dtype', None)}")
         batches = num_batches_tracked
     else:
         batches = xp.empty((), dtype=numpy.int64)  # (not touched)
-    T = mean.dtype.type  # the scalars in the kernel's element type (a Python float is a double)
-    var_weight = momentum * m / (m - 1) if update else 0.0
-    inv_std = xp.empty_like(mean)
-    _launch("bn_finish_stats", mean.dtype, *elementwise_grid(C),
-            (mean, var, inv_std, running_mean, running_var, batches, C,
-             T(eps), T(1 - momentum), T(momentum), T(var_weight), int(bool(update)), int(count)))
+    T = x.dtype.type  # the scalars in the kernel's element type (a Python float is a double)
+    mean, inv_std = xp.empty(C, dtype=x.dtype), xp.empty(C, dtype=x.dtype)
+    _launch("bn_stats", x.dtype, *channel_grid(C),
+            (x, mean, inv_std, running_mean, running_var, batches) + _ncl(x)
+            + (T(eps), T(1 - momentum), T(momentum), T(momentum * m / (m - 1)), int(count)))
+    return mean, inv_std
+
+
+def batchnorm_eval_inv_std(running_var, eps):
+    """inv_std = 1 / sqrt(running_var + eps), per channel, for eval mode. One launch."""
+    xp, (running_var,) = _inputs("batchnorm_eval_inv_std", running_var)
+    inv_std = xp.empty_like(running_var)
+    C = running_var.shape[0]
+    _launch("bn_eval_inv_std", running_var.dtype, *elementwise_grid(C),
+            (running_var, inv_std, C, running_var.dtype.type(eps)))
     return inv_std
 
 
