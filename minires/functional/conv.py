@@ -414,7 +414,7 @@ def _backward_chunk(dout, x, w, stride, padding, dx):
         dout_mat = dline[:, lead:lead + P]  # (F, n*H*W): dout[m, f, y, x] at m*H*W + y*W + x
         dw_mat = (_same_im2col(x, kh, kw) @ dout_mat.T).T  # = dout_mat @ cols.T, faster (above)
     if dw_from_dcols or dx is not None:
-        # (F*kh*kw, n*H*W); overwrites x's columns (one scratch), done with above
+        # (F*kh*kw, n*H*W), in the scratch that held x's columns above (used up by then)
         dcols = _same_cols(dline, kh, kw, n, H, W)
     if dw_from_dcols:
         x_mat = _same_line(x, 0, 0, "line")  # (C, n*H*W): x.transpose(1, 0, 2, 3), reshaped
