@@ -38,6 +38,7 @@ def main(names):
     xp = backend.set_backend("cupy")
     sync = xp.cuda.Device().synchronize
     gc.callbacks.append(on_gc)
+    default_threshold = gc.get_threshold()
     for name in names:
         backend.manual_seed(0)
         model = build_model(name, in_channels=3)
@@ -61,7 +62,7 @@ def main(names):
                 gc.unfreeze()
                 gc.set_threshold(50000, 10, 10)
             elif variant == "default again":
-                gc.set_threshold(700, 10, 10)
+                gc.set_threshold(*default_threshold)
             collections.clear()
             times = []
             for _ in range(15):
@@ -74,7 +75,7 @@ def main(names):
                   f"gc over 15 steps: {by_generation}; tracked {len(gc.get_objects())}, "
                   f"frozen {gc.get_freeze_count()}", flush=True)
         gc.unfreeze()
-        gc.set_threshold(700, 10, 10)
+        gc.set_threshold(*default_threshold)
 
 
 if __name__ == "__main__":
