@@ -163,7 +163,8 @@ def run_gradcheck(args):
     print(f"{'layer':<32} {'worst relative error':>22}   checked")
     worst_all = 0.0
     for name, module, shape in cases:
-        errors = check_module(module, rng.standard_normal(shape), num_checks=8)
+        x = backend.to_device(rng.standard_normal(shape))  # where the module's parameters live
+        errors = check_module(module, x, num_checks=8)
         worst = max(errors.values())
         worst_all = max(worst_all, worst)
         print(f"{name:<32} {worst:>22.2e}   input + {len(errors) - 1} parameter arrays")

@@ -25,8 +25,8 @@ pytestmark = pytest.mark.skipif(not cuda_emulator.compiler_available(),
                                 reason="g++ is needed to emulate the CUDA kernels")
 
 
-def _run(args, timeout=600):
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(FAKE), str(ROOT)]), MINIRES_BACKEND="numpy")
+def _run(args, timeout=600, backend="numpy"):
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(FAKE), str(ROOT)]), MINIRES_BACKEND=backend)
     return subprocess.run([sys.executable, *args], cwd=ROOT, env=env, capture_output=True, text=True,
                           timeout=timeout)
 
@@ -61,6 +61,17 @@ def test_training_cli_on_the_stand_in(tmp_path):
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
     assert "backend cupy" in result.stdout and "final: test accuracy" in result.stdout
     assert (tmp_path / "checkpoint.npz").is_file() and (tmp_path / "curves.png").is_file()
+
+
+def test_inspection_clis_on_the_stand_in(tmp_path):
+    """gradcheck (selected by MINIRES_BACKEND, as docs/gpu.md shows) and gradflow on CuPy."""
+    result = _run(["-m", "minires", "gradcheck"], backend="cupy")
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    assert "all backward passes agree" in result.stdout
+    result = _run(["-m", "minires", "gradflow", "--backend", "cupy", "--depths", "20", "--batch", "8",
+                   "--synthetic", "--out", str(tmp_path)])
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    assert (tmp_path / "gradflow.json").is_file() and (tmp_path / "gradflow.png").is_file()
 
 
 def test_a_training_step_syncs_with_the_host_three_times():
