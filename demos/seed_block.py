@@ -8,6 +8,7 @@ applied to one 3x224x224 image; then the backward pass, by hand; then, if
 PyTorch is installed, the same block in PyTorch with the same weights.
 
 Run:  python demos/seed_block.py
+      MINIRES_BACKEND=cupy python demos/seed_block.py    (on a GPU)
 """
 import numpy
 
@@ -20,13 +21,14 @@ def main():
     block = BasicBlock(3, 64, stride=1, shortcut="B", bias=True)
     x = numpy.random.default_rng(0).standard_normal((1, 3, 224, 224)).astype(numpy.float32)
 
-    out = block(x)
+    out = block(backend.to_device(x))  # on the active backend (NumPy unless MINIRES_BACKEND=cupy)
     print("block:", block)
+    print("backend:     ", backend.backend_name())
     print("input shape: ", x.shape)
     print("output shape:", out.shape)
 
     dout = numpy.random.default_rng(1).standard_normal(out.shape).astype(numpy.float32)
-    dx = block.backward(dout)
+    dx = block.backward(backend.to_device(dout))
     print("\ngradient of the input:", dx.shape)
     for name, grad in block.named_grads().items():
         print(f"  d {name:<26} {grad.shape}")
@@ -50,6 +52,9 @@ def main():
             branch = self.bn2(self.conv2(torch.relu(self.bn1(self.conv1(x)))))
             return torch.relu(branch + self.downsample(x))
 
+    # the comparison runs on the host
+    out, dx = backend.to_numpy(out), backend.to_numpy(dx)
+    grads = {name: backend.to_numpy(g) for name, g in block.named_grads().items()}
     twin = TorchBlock()
     twin.load_state_dict(state_dict_to_torch(block.state_dict()))  # same weights, same names
     tx = torch.tensor(x, requires_grad=True)
@@ -62,8 +67,8 @@ def main():
     # One scale for all parameters: the conv biases feed straight into a
     # training-mode BN, so their true gradient is 0 and a per-array relative
     # error would compare rounding noise with rounding noise.
-    scale = max(numpy.abs(g).max() for g in block.named_grads().values())
-    worst = max(numpy.abs(g - torch_grads[n].grad.numpy()).max() for n, g in block.named_grads().items())
+    scale = max(numpy.abs(g).max() for g in grads.values())
+    worst = max(numpy.abs(g - torch_grads[n].grad.numpy()).max() for n, g in grads.items())
     print(f"  largest |parameter-gradient difference|: {worst:.2e} (largest gradient: {scale:.2e})")
 
 if __name__ == "__main__":

@@ -61,13 +61,33 @@ def test_training_cli_on_the_stand_in(tmp_path):
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
     assert "backend cupy" in result.stdout and "final: test accuracy" in result.stdout
     assert (tmp_path / "checkpoint.npz").is_file() and (tmp_path / "curves.png").is_file()
+    # a checkpoint written on the GPU evaluates on either backend, to the same numbers
+    lines = {}
+    for backend in ("cupy", "numpy"):
+        result = _run(["-m", "minires", "evaluate", "--checkpoint", str(tmp_path / "checkpoint.npz"),
+                       "--backend", backend, "--subset", "32"])
+        assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+        lines[backend] = result.stdout.strip().splitlines()[-1]
+    assert "test accuracy" in lines["cupy"] and lines["cupy"] == lines["numpy"], lines
+
+
+@needs_data
+def test_degradation_cli_on_the_stand_in(tmp_path):
+    result = _run(["-m", "minires", "degradation", "--backend", "cupy", "--iterations", "4", "--batch", "8",
+                   "--subset", "32", "--eval-every", "2", "--eval-size", "16", "--record-every", "2",
+                   "--out", str(tmp_path)])
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    assert "resnet56: final train error" in result.stdout
 
 
 def test_inspection_clis_on_the_stand_in(tmp_path):
-    """gradcheck (selected by MINIRES_BACKEND, as docs/gpu.md shows) and gradflow on CuPy."""
+    """gradcheck (selected by MINIRES_BACKEND, as docs/gpu.md shows), the demo and gradflow on CuPy."""
     result = _run(["-m", "minires", "gradcheck"], backend="cupy")
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
     assert "all backward passes agree" in result.stdout
+    result = _run([str(ROOT / "demos" / "seed_block.py")], backend="cupy")
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    assert "backend:      cupy" in result.stdout and "(1, 64, 224, 224)" in result.stdout
     result = _run(["-m", "minires", "gradflow", "--backend", "cupy", "--depths", "20", "--batch", "8",
                    "--synthetic", "--out", str(tmp_path)])
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
