@@ -277,6 +277,7 @@ def make(out, only=None, force=False, with_docs=False, root=None):
 
     out/minires/  the package, every selected body replaced by a TODO stub
     out/tests/    the test suite (minus the instructor's tests of this kit)
+    out/demos/    the demo scripts (a test runs them)
     out/docs/     only with ``with_docs`` (the derivations state every formula)
     out/ASSIGNMENT.md  the parts, their TODOs and how to check them
     out/pyproject.toml, setup.cfg, README.md  so that `pip install -e .` works there
@@ -296,7 +297,7 @@ def make(out, only=None, force=False, with_docs=False, root=None):
         raise ValueError(f"--out {out} exists and is not a folder")
     if out.exists() and any(out.iterdir()) and not force:
         raise ValueError(f"--out {out} exists and is not empty (use --force to replace its "
-                         "minires/, tests/ and docs/)")
+                         "minires/, tests/, demos/ and docs/)")
     regions = package_regions(package)
     missing = [n for n in names if n not in regions]
     if missing:
@@ -306,6 +307,8 @@ def make(out, only=None, force=False, with_docs=False, root=None):
     copies = [("minires", _IGNORE)]
     if (root / "tests").is_dir():
         copies.append(("tests", shutil.ignore_patterns(*_INSTRUCTOR_TESTS, "__pycache__", "*.pyc")))
+    if (root / "demos").is_dir():
+        copies.append(("demos", _IGNORE))
     if with_docs and (root / "docs").is_dir():
         copies.append(("docs", _IGNORE))
     for folder, ignore in copies:
@@ -458,7 +461,7 @@ def add_parser(sub):
     m.add_argument("--out", required=True, metavar="DIR", help="folder for the student copy")
     m.add_argument("--only", nargs="+", metavar="NAME", help="parts to stub (default: all); see `list`")
     m.add_argument("--with-docs", action="store_true", help="also copy docs/ (it states every formula)")
-    m.add_argument("--force", action="store_true", help="replace minires/, tests/, docs/ in a non-empty DIR")
+    m.add_argument("--force", action="store_true", help="replace minires/, tests/, demos/, docs/ in a non-empty DIR")
     m.set_defaults(run=run_make)
 
     g = asub.add_parser("grade", help="grade a copy part by part; exit status 1 unless all pass")

@@ -6,6 +6,7 @@ bodies back into the copy makes every part pass; plausible wrong answers fail.
 """
 import ast
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -266,3 +267,20 @@ def test_cli_make_grade_list_and_errors(tmp_path):
         bad = cli(*args)
         assert bad.returncode == 2 and message in bad.stderr
         assert "Traceback" not in bad.stderr and len(bad.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.slow
+def test_a_finished_student_copy_passes_the_tests_that_see_its_layout(tmp_path):
+    """A copy with every part pasted back must pass its own test suite; the tests
+    that depend on what the copy holds (docs and their links, the demo, the
+    CuPy stand-in runs) are the ones that can break there and not here."""
+    A.make(tmp_path, with_docs=True)
+    for name, body in reference_bodies().items():
+        set_body(tmp_path, name, body)
+    env = dict(os.environ, PYTHONPATH=str(tmp_path), MINIRES_BACKEND="numpy")
+    result = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/test_docs.py",
+         "tests/test_models.py::test_seed_block_demo_runs", "tests/test_fake_cupy.py"],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=1200)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-2000:]
+    assert " passed" in result.stdout and "failed" not in result.stdout
