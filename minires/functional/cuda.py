@@ -25,9 +25,11 @@ correct but costs many kernel launches per op, each a full pass over memory:
 The kernels that update arrays in place mark them ``INOUT``.
 
 Every kernel walks its outputs with a grid-stride loop and every output is
-written by exactly one thread, so any launch shape gives the same answer --
+written by exactly one thread, so any launch shape gives a correct answer --
 including one block of one thread, which is how ``tests/cuda_emulator.py``
-runs this very source on the CPU. The element type ``T`` is float or double
+runs this very source on the CPU. (Element-wise kernels give the same bits
+for any shape; reductions add in a thread-count-dependent order, so their
+float32 rounding varies with it.) The element type ``T`` is float or double
 (:func:`kernel_source`). CuPy is imported only when a kernel is launched.
 """
 import functools
