@@ -14,16 +14,23 @@ With an identity shortcut the second term is dout itself: the gradient reaches
 earlier layers without passing through any weight.
 """
 from ..backend import get_array_module
+from ..parallel import chunks_of, map_chunks
 
 
 def add_forward(branch, shortcut):
-    """Returns (out, cache); the cache is None: addition needs nothing to go back."""
-    get_array_module(branch, shortcut)  # raises on NumPy/CuPy mixing
+    """Returns (out, cache); the cache is None: addition needs nothing to go back.
+
+    The sum is computed chunk by chunk over the batch on all CPU cores (NumPy
+    adds on one core); on CuPy it is one operation.
+    """
+    xp = get_array_module(branch, shortcut)  # raises on NumPy/CuPy mixing
     if branch.shape != shortcut.shape:
         raise ValueError(
             f"residual add: branch shape {tuple(branch.shape)} != shortcut shape {tuple(shortcut.shape)}"
         )
-    return branch + shortcut, None
+    out = xp.empty(branch.shape, dtype=xp.result_type(branch, shortcut))
+    map_chunks(lambda c: xp.add(branch[c], shortcut[c], out=out[c]), chunks_of(xp, out))
+    return out, None
 
 
 def add_backward(dout, cache=None):
