@@ -163,6 +163,15 @@ def test_residual_add_fans_gradient_out(rng):
         F.add_forward(a, rng.standard_normal((3, 2)))
 
 
+def test_residual_add_in_chunks_equals_plain_sum(rng):
+    # 4 MiB: the sum goes in 4 chunks, spread over the CPU cores
+    a = rng.standard_normal((16, 32, 32, 64)).astype(numpy.float32)
+    b = rng.standard_normal(a.shape).astype(numpy.float32)
+    out, _ = F.add_forward(a, b)
+    assert out.dtype == numpy.float32
+    assert numpy.array_equal(out, a + b)
+
+
 def test_float32_stays_float32(rng):
     x = rng.standard_normal((2, 3, 4, 4)).astype(numpy.float32)
     c = numpy.ones(3, numpy.float32)
