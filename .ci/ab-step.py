@@ -1,3 +1,4 @@
+#!/usr/bin/env python3
 """A/B of two variants of minires code in ONE process, alternating step by step.
 
     PYTHONPATH=. python .ci/ab-step.py variant.py [--pairs 20] [--model resnet20]

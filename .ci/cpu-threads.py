@@ -1,3 +1,4 @@
+#!/usr/bin/env python3
 """How well a NumPy training step keeps the CPU cores busy.
 
     PYTHONPATH=. python .ci/cpu-threads.py [--model resnet20] [--steps 12]
