@@ -6,6 +6,7 @@ import pytest
 
 from minires import functional as F
 from minires.gradcheck import check_gradients, rel_error
+from minires.parallel import chunks_of
 
 TOL = 1e-7
 
@@ -163,13 +164,16 @@ def test_residual_add_fans_gradient_out(rng):
         F.add_forward(a, rng.standard_normal((3, 2)))
 
 
-def test_residual_add_in_chunks_equals_plain_sum(rng):
-    # 4 MiB: the sum goes in 4 chunks, spread over the CPU cores
-    a = rng.standard_normal((16, 32, 32, 64)).astype(numpy.float32)
-    b = rng.standard_normal(a.shape).astype(numpy.float32)
+def test_residual_add_in_chunks_equals_plain_sum(xp, rng):
+    # 4 MiB of float32: the sum goes in 4 chunks on NumPy (one operation on CuPy)
+    a = xp.asarray(rng.standard_normal((16, 32, 32, 64)).astype(numpy.float32))
+    b = xp.asarray(rng.standard_normal(a.shape).astype(numpy.float32))
+    assert len(chunks_of(xp, a)) == (4 if xp is numpy else 1)
     out, _ = F.add_forward(a, b)
-    assert out.dtype == numpy.float32
-    assert numpy.array_equal(out, a + b)
+    assert out.dtype == xp.float32
+    assert bool(xp.all(out == a + b))
+    mixed, _ = F.add_forward(a, b.astype(xp.float64))  # the dtype that + gives
+    assert mixed.dtype == xp.float64 and bool(xp.all(mixed == a + b.astype(xp.float64)))
 
 
 def test_float32_stays_float32(rng):

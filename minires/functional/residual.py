@@ -28,6 +28,7 @@ def add_forward(branch, shortcut):
         raise ValueError(
             f"residual add: branch shape {tuple(branch.shape)} != shortcut shape {tuple(shortcut.shape)}"
         )
+    # out = branch + shortcut, one chunk of the batch at a time
     out = xp.empty(branch.shape, dtype=xp.result_type(branch, shortcut))
     map_chunks(lambda c: xp.add(branch[c], shortcut[c], out=out[c]), chunks_of(xp, out))
     return out, None
