@@ -157,7 +157,7 @@ def map_chunks(fn, chunks):
     The calling thread works too: it and ``threads - 1`` pool threads each take
     the next chunk nobody has taken yet, until none is left. (Handing every
     chunk to the pool and waiting cost about 80 us per call, a wake-up per
-    chunk; this call is made ~170 times per ResNet-20 step, on chunks of
+    chunk; this call is made ~180 times per ResNet-20 step, on chunks of
     0.1-2 ms.) Taking chunks as they come also balances the work when one
     core is slower than the other.
     """
