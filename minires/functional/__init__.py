@@ -1,7 +1,8 @@
 """Pure ops: each ``*_forward(...) -> (out, cache)`` and ``*_backward(dout, cache) -> grads``.
 
-One file per family; every op has a loop-based ``*_naive`` reference that
-reads like the math, tested equal to the fast path.
+One file per family. Where the fast path is not already the formula itself
+(convolution, BatchNorm, pooling, the loss, Linear's forward), a loop-based
+``*_naive`` reference reads like the math and is tested equal to it.
 """
 from .activation import relu_backward, relu_forward
 from .batchnorm import (
