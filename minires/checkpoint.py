@@ -107,5 +107,7 @@ def load_checkpoint(path):
 def check_model_config(path, meta, config):
     """Raise CheckpointError if the checkpoint was made for another architecture."""
     saved = meta.get("model")
+    if not isinstance(saved, dict) or "name" not in saved:
+        raise CheckpointError(f"checkpoint {path!r} does not say which model it holds")
     if saved != config:
         raise CheckpointError(f"checkpoint {path!r} is for model {saved}, not {config}")

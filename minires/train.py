@@ -91,6 +91,102 @@ def validate(config):
         raise FileNotFoundError(f"data directory {config.data_dir!r} does not exist")
 
 
+# What may change when a run is resumed: where its outputs go and how progress
+# is shown, where the dataset files are read from, the backend (a checkpoint
+# from the CPU carries on on a GPU: it holds NumPy arrays), and the test batch
+# size (evaluation uses BatchNorm's running statistics, so the batch size only
+# says how many test images go through at once). Every other setting decides
+# what is trained, and the checkpoint holds the state it made: the optimizer's
+# hyperparameters, the LR schedule laid out over the planned steps, the data
+# order of the chosen subset and batch size.
+MAY_CHANGE_ON_RESUME = ("out", "progress", "backend", "data_dir", "eval_batch_size")
+
+# Entries of a checkpoint's metadata that --resume needs, besides the configs.
+RESUME_STATE = ("epoch", "history", "schedule", "loader_state")
+
+
+def _effective_augment(settings):
+    """``augment`` as the run uses it (None means: on for CIFAR-10 only)."""
+    if settings.get("augment") is None:
+        return settings.get("dataset") == "cifar10"
+    return settings["augment"]
+
+
+def _shown(value):
+    """A setting's value as the error message shows it."""
+    if value is None:
+        return "unset"
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    return value
+
+
+def _as_argument(name, value):
+    """The command-line words that set ``name`` to ``value`` ("" where it is the flag's absence)."""
+    flag = "--" + name.replace("_", "-")
+    if value is None or value is False and name == "nesterov":
+        return ""
+    if isinstance(value, bool):
+        return flag if value else f"--no-{name}"
+    return f"{flag} {value}"
+
+
+def check_resume_config(path, meta, config):
+    """Raise CheckpointError unless ``config`` carries on the run saved in ``meta``.
+
+    ``--resume`` restores that run's optimizer, LR schedule and data order, so a
+    setting given anew would be ignored (a new --lr: the schedule brings back
+    the saved one) or mixed with the old state (a new --subset or --batch-size
+    under a schedule laid out for the old number of steps, which then runs on
+    at lr 0). Each differing setting is named with its saved and given value;
+    only those in ``MAY_CHANGE_ON_RESUME`` may differ, and ``epochs`` with a
+    constant learning rate (nothing then ends with the planned epochs).
+    """
+    saved = meta.get("config")
+    if not isinstance(saved, dict):
+        raise CheckpointError(
+            f"checkpoint {path!r} does not record the settings of the run that saved it, so --resume "
+            f"cannot check that this run carries it on; start a new run without --resume")
+    lacking = [key for key in RESUME_STATE if key not in meta]
+    if lacking:
+        raise CheckpointError(f"checkpoint {path!r} lacks the training state --resume needs "
+                              f"({', '.join(lacking)}); start a new run without --resume")
+    given = asdict(config)
+    differing = []
+    # With a constant learning rate nothing ends with the planned epochs: a run may be extended.
+    constant_lr = config.schedule == saved.get("schedule") == "constant"
+    for field in fields(TrainConfig):
+        name = field.name
+        if name in MAY_CHANGE_ON_RESUME or name == "epochs" and constant_lr:
+            continue
+        # A setting added to TrainConfig after the checkpoint was saved: the
+        # run had the behaviour its default keeps.
+        old, new = saved.get(name, field.default), given[name]
+        if name == "augment":
+            old, new = _effective_augment({**saved, "augment": old}), _effective_augment(given)
+        if old != new:
+            differing.append((name, old, new))
+    if not differing:
+        return
+
+    listed = ", ".join(f"--{name.replace('_', '-')} (saved {_shown(old)}, given {_shown(new)})"
+                       for name, old, new in differing)
+    words = [_as_argument(name, old) for name, old, _ in differing]
+    saved_values = [" ".join(w for w in words if w)]
+    absent = [f"--{name.replace('_', '-')}" for (name, _, _), w in zip(differing, words) if not w]
+    if absent:
+        saved_values.append("without " + " ".join(absent))
+    why = ""
+    for name, old, _ in differing:
+        if name == "epochs":  # e.g. a cosine reaches lr 0 there: more epochs would train at lr 0
+            why = f" (its learning-rate schedule was laid out over {old} epochs and ends there)"
+    raise CheckpointError(
+        f"checkpoint {path!r} was saved by a run with other settings: {listed}; --resume carries that run "
+        f"on with its optimizer, learning-rate schedule and data order{why}: rerun with the saved values "
+        f"({', '.join(v for v in saved_values if v)}), or start a new run without --resume to train "
+        f"with the new settings")
+
+
 def make_optimizer(config, model):
     if config.optimizer == "sgd":
         return SGD(model, config.lr, config.momentum, config.weight_decay, config.nesterov)
@@ -256,15 +352,7 @@ def train(config, resume=None, log=print):
     if resume:  # check the checkpoint before the (slow) data loading
         model_state, optim_state, meta = load_checkpoint(resume)
         check_model_config(resume, meta, model_config)
-        planned = meta.get("config", {}).get("epochs", config.epochs)
-        if planned != config.epochs and config.schedule != "constant":
-            # The LR schedule was laid out over the planned epochs (a cosine
-            # reaches 0 there): more epochs would silently train at lr 0.
-            raise CheckpointError(
-                f"checkpoint {resume!r} belongs to a run of {planned} epochs, whose learning-rate "
-                f"schedule ends there; --resume carries that run on: use --epochs {planned}, "
-                f"or start a new run to train longer"
-            )
+        check_resume_config(resume, meta, config)
     train_loader, test_loader = load_data(config, info)
     model = build_model(model_config["name"], **{k: v for k, v in model_config.items() if k != "name"})
     loss_fn = CrossEntropyLoss()

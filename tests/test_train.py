@@ -82,9 +82,130 @@ def test_resume_refuses_to_stretch_a_finished_schedule(tmp_path):
     """A cosine schedule ends at lr 0 after the planned epochs: resuming with more
     epochs would train at lr 0 without a word, so it is refused."""
     train(tiny(tmp_path / "a", epochs=1), log=lambda *a: None)
-    with pytest.raises(CheckpointError, match="run of 1 epochs.*use --epochs 1"):
+    with pytest.raises(CheckpointError, match=r"--epochs \(saved 1, given 2\).*laid out over 1 epochs "
+                                              r"and ends there.*saved values \(--epochs 1\)"):
         train(tiny(tmp_path / "b", epochs=2), resume=str(tmp_path / "a" / "checkpoint.npz"),
               log=lambda *a: None)
+
+
+def saved_run(path, config, epoch=1):
+    """A checkpoint as ``train(config)`` leaves it after ``epoch`` (its metadata; no arrays,
+    which a refused resume never reaches)."""
+    from dataclasses import asdict
+    from minires.data import DATASETS
+
+    meta = {"model": config.model_config(DATASETS[config.dataset]), "config": asdict(config), "epoch": epoch,
+            "history": [], "schedule": None, "loader_state": {}}
+    save_checkpoint(str(path), {}, {}, meta)
+    return str(path)
+
+
+# One other value for every setting a resumed run must keep: a setting added to
+# TrainConfig without a line here fails test_resume_checks_every_setting_but_where_output_goes.
+OTHER_VALUE = {"model": None, "shortcut": None,  # another architecture: refused by check_model_config
+               "dataset": "mnist", "epochs": 3, "batch_size": 16, "lr": 0.5, "momentum": 0.5,
+               "weight_decay": 0.0, "nesterov": True, "optimizer": "adam", "schedule": "multistep",
+               "warmup": 5, "augment": True, "subset": 192, "seed": 1}
+MAY_CHANGE = {"out": "elsewhere", "progress": True, "backend": "cupy", "data_dir": "/data",
+              "eval_batch_size": 7}
+
+
+def test_resume_checks_every_setting_but_where_output_goes(tmp_path):
+    from dataclasses import fields
+    from minires.train import MAY_CHANGE_ON_RESUME, check_resume_config
+
+    names = {f.name for f in fields(TrainConfig)}
+    assert set(MAY_CHANGE_ON_RESUME) == set(MAY_CHANGE) and names == set(OTHER_VALUE) | set(MAY_CHANGE)
+    saved = tiny(tmp_path)
+    path = saved_run(tmp_path / "c.npz", saved)
+    _, _, meta = load_checkpoint(path)
+    for name, value in OTHER_VALUE.items():
+        if value is None:
+            continue
+        with pytest.raises(CheckpointError) as info:
+            check_resume_config(path, meta, tiny(tmp_path, **{name: value}))
+        message = str(info.value)
+        assert f"--{name.replace('_', '-')} (saved " in message and message.count("(saved ") == 1, message
+    check_resume_config(path, meta, tiny(**MAY_CHANGE))  # all of them at once: fine
+
+
+@pytest.mark.parametrize("changes, message", [
+    # the newcomer's example: every changed flag named, with the command that carries the run on
+    (dict(subset=4000, batch_size=64, lr=0.5),
+     "--batch-size (saved 128, given 64), --lr (saved 0.1, given 0.5), --subset (saved 2000, given 4000); "
+     "--resume carries that run on with its optimizer, learning-rate schedule and data order: rerun with the "
+     "saved values (--batch-size 128 --lr 0.1 --subset 2000), or start a new run without --resume"),
+    (dict(subset=None), "--subset (saved 2000, given unset); --resume carries"),  # all 60,000 images
+    (dict(nesterov=True, seed=3), "--nesterov (saved off, given on), --seed (saved 0, given 3); --resume "
+     "carries that run on with its optimizer, learning-rate schedule and data order: rerun with the saved "
+     "values (--seed 0, without --nesterov)"),
+    (dict(dataset="mnist"), "--dataset (saved fashion-mnist, given mnist)"),  # the same model config
+    (dict(epochs=5, augment=True), "--epochs (saved 2, given 5), --augment (saved off, given on); "
+     "--resume carries that run on with its optimizer, learning-rate schedule and data order (its "
+     "learning-rate schedule was laid out over 2 epochs and ends there): rerun with the saved values "
+     "(--epochs 2 --no-augment)"),
+])
+def test_resume_refuses_changed_settings(tmp_path, changes, message):
+    path = saved_run(tmp_path / "c.npz", TrainConfig(subset=2000, progress=False))
+    config = TrainConfig(**{"subset": 2000, "out": str(tmp_path / "new"), "progress": False, **changes})
+    with pytest.raises(CheckpointError) as info:
+        train(config, resume=path, log=lambda *a: None)
+    assert message in str(info.value)
+    assert not (tmp_path / "new").exists()  # refused before anything was loaded or written
+
+
+def test_resume_accepts_what_may_change(tmp_path):
+    from minires.train import check_resume_config
+
+    for saved, given in [
+        (dict(augment=None), dict(augment=False)),  # off either way on Fashion-MNIST
+        (dict(schedule="constant", epochs=1), dict(schedule="constant", epochs=4)),  # nothing ends at epoch 1
+        (dict(), dict(out="other", progress=True, backend="cupy", data_dir="/d", eval_batch_size=1)),
+    ]:
+        path = saved_run(tmp_path / "c.npz", tiny(tmp_path, **saved))
+        check_resume_config(path, load_checkpoint(path)[2], tiny(**{"out": tmp_path, **given}))
+    path = saved_run(tmp_path / "c.npz", tiny(tmp_path, schedule="constant", epochs=1))
+    with pytest.raises(CheckpointError, match="--epochs .* --schedule"):  # a cosine from now on: refused
+        check_resume_config(path, load_checkpoint(path)[2], tiny(tmp_path, schedule="cosine", epochs=4))
+
+
+def test_resume_refuses_checkpoints_without_a_run(tmp_path):
+    """Checkpoints not written by train() (save_checkpoint with other metadata): a clear error, no KeyError."""
+    config = tiny(tmp_path / "new")
+    path = saved_run(tmp_path / "c.npz", config)
+    _, _, meta = load_checkpoint(path)
+    for drop, message in [("config", "does not record the settings of the run that saved it"),
+                          ("loader_state", r"lacks the training state --resume needs \(loader_state\)"),
+                          ("model", "does not say which model it holds")]:
+        save_checkpoint(path, {}, {}, {k: v for k, v in meta.items() if k not in (drop, "entries", "format_version")})
+        with pytest.raises(CheckpointError, match=message):
+            train(config, resume=path, log=lambda *a: None)
+    assert not (tmp_path / "new").exists()
+
+
+def test_cli_resume_with_changed_flags_is_one_line(tmp_path, capsys):
+    path = saved_run(tmp_path / "c.npz", TrainConfig(subset=2000))
+    with pytest.raises(SystemExit) as info:
+        main(["train", "--resume", path, "--subset", "4000", "--out", str(tmp_path / "new")])
+    err = capsys.readouterr().err
+    assert info.value.code == 2 and err.count("\n") == 1
+    assert err.startswith("minires train: error: ") and "--subset (saved 2000, given 4000)" in err
+
+
+@needs_data
+def test_resume_where_output_and_progress_change(tmp_path, monkeypatch):
+    """Another output folder, a progress bar, the data folder named and another
+    test batch size: the run carries on where it stopped."""
+    with monkeypatch.context() as patch:
+        interrupt_at_epoch(patch, 2)
+        with pytest.raises(KeyboardInterrupt):
+            train(tiny(tmp_path / "half"), log=lambda *a: None)
+    resumed = train(tiny(tmp_path / "resumed", progress=True, eval_batch_size=40, data_dir=str(tmp_path)),
+                    resume=str(tmp_path / "half" / "checkpoint.npz"), log=lambda *a: None)
+    assert [r["epoch"] for r in resumed] == [1, 2]
+    assert resumed[1]["lr"] == pytest.approx(0.05)  # the cosine's middle: 3 of the run's 6 steps done
+    _, _, meta = load_checkpoint(str(tmp_path / "resumed" / "checkpoint.npz"))
+    assert meta["config"]["eval_batch_size"] == 40 and meta["schedule"]["iteration"] == 6
 
 
 @needs_data
