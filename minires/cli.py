@@ -41,45 +41,70 @@ _positive_float = _number(float, 0, strict=True)
 
 # --- train / evaluate -----------------------------------------------------------------
 
+# argparse fills in %(default)s; flags whose default is "not given" say in words what that means.
+DEFAULT = " (default: %(default)s)"
+
+
 def add_train(sub):
     from .data import DATASETS
     from .models import MODELS
-    from .train import SCHEDULES
+    from .train import SCHEDULES, TrainConfig
 
-    p = sub.add_parser("train", help="train a model on a real dataset")
-    p.add_argument("--model", default="resnet20", choices=sorted(MODELS), metavar="NAME",
-                   help="model name (resnet20, plain56, resnet18, ...)")
-    p.add_argument("--dataset", default="fashion-mnist", choices=sorted(DATASETS))
-    p.add_argument("--epochs", type=_non_negative_int, default=2)
-    p.add_argument("--batch-size", type=_positive_int, default=128)
-    p.add_argument("--lr", type=_positive_float, default=0.1)
-    p.add_argument("--momentum", type=float, default=0.9)
-    p.add_argument("--weight-decay", type=float, default=5e-4)
-    p.add_argument("--nesterov", action="store_true")
-    p.add_argument("--optimizer", default="sgd", choices=["sgd", "adam", "adamw"])
-    p.add_argument("--schedule", default="cosine", choices=SCHEDULES)
+    d = TrainConfig()  # the defaults of the command are those of the Python API
+    p = sub.add_parser(
+        "train", help="train a model on a real dataset",
+        description=f"Train a model and write history.json, checkpoint.npz and curves.png to --out. "
+                    f"With no flags: {d.model} on all {DATASETS[d.dataset].train_size:,} {d.dataset} "
+                    f"training images for {d.epochs} epochs; --subset N trains on a sample of N images.")
+    p.add_argument("--model", default=d.model, choices=sorted(MODELS), metavar="NAME",
+                   help="model name (resnet20, plain56, resnet18, ...)" + DEFAULT)
+    p.add_argument("--dataset", default=d.dataset, choices=sorted(DATASETS), help="dataset" + DEFAULT)
+    p.add_argument("--epochs", type=_non_negative_int, default=d.epochs,
+                   help="passes over the training set" + DEFAULT)
+    p.add_argument("--batch-size", type=_positive_int, default=d.batch_size, help="images per step" + DEFAULT)
+    p.add_argument("--lr", type=_positive_float, default=d.lr, help="initial learning rate" + DEFAULT)
+    p.add_argument("--momentum", type=float, default=d.momentum, help="SGD momentum" + DEFAULT)
+    p.add_argument("--weight-decay", type=float, default=d.weight_decay, help="L2 weight decay" + DEFAULT)
+    p.add_argument("--nesterov", action="store_true", help="Nesterov momentum (default: off)")
+    p.add_argument("--optimizer", default=d.optimizer, choices=["sgd", "adam", "adamw"], help="optimizer" + DEFAULT)
+    p.add_argument("--schedule", default=d.schedule, choices=SCHEDULES,
+                   help="learning-rate schedule over the whole run, stepped every iteration" + DEFAULT)
     p.add_argument("--recipe", choices=["he2016-cifar"],
                    help="he2016-cifar: SGD lr 0.1, momentum 0.9, weight decay 1e-4, lr /10 at 1/2 and 3/4 "
-                        "of the run (He et al. 2016, sec. 4.2: 32k and 48k of 64k iterations), pad-and-crop + flip")
-    p.add_argument("--warmup", type=_non_negative_int, default=0, help="linear warm-up iterations")
-    p.add_argument("--shortcut", default="A", choices=["A", "B"])
-    p.add_argument("--augment", action=argparse.BooleanOptionalAction, default=None,
+                        "of the run (He et al. 2016, sec. 4.2: 32k and 48k of 64k iterations), pad-and-crop + flip "
+                        "(default: none)")
+    p.add_argument("--warmup", type=_non_negative_int, default=d.warmup,
+                   help="linear warm-up iterations" + DEFAULT)
+    p.add_argument("--shortcut", default=d.shortcut, choices=["A", "B"],
+                   help="A: zero-padded identity, B: 1x1 projection where the shape changes" + DEFAULT)
+    p.add_argument("--augment", action=argparse.BooleanOptionalAction, default=d.augment,
                    help="pad-and-crop + flip (default: on for cifar10 only)")
-    p.add_argument("--subset", type=_positive_int, help="use N training (and at most N test) images")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--backend", default="numpy", choices=["numpy", "cupy"])
-    p.add_argument("--data-dir", help="folder holding the dataset files (searched first)")
-    p.add_argument("--out", default="runs/default", help="output folder (history.json, checkpoint.npz, curves.png)")
-    p.add_argument("--resume", metavar="PATH", help="checkpoint to resume from")
-    p.add_argument("--no-progress", dest="progress", action="store_false")
+    p.add_argument("--subset", type=_positive_int, default=d.subset, metavar="N",
+                   help="use a sample of N training (and at most N test) images (default: all of them)")
+    p.add_argument("--seed", type=int, default=d.seed,
+                   help="seed of the weights, the sample and the data order" + DEFAULT)
+    p.add_argument("--backend", default=d.backend, choices=["numpy", "cupy"], help="array backend" + DEFAULT)
+    p.add_argument("--data-dir", default=d.data_dir, metavar="FOLDER",
+                   help="folder holding the dataset files, searched first (default: $MINIRES_DATA, "
+                        "/usr/share/datasets/..., ~/.cache/minires, then a download)")
+    p.add_argument("--out", default=d.out, metavar="FOLDER",
+                   help="output folder (history.json, checkpoint.npz, curves.png)" + DEFAULT)
+    p.add_argument("--resume", metavar="PATH",
+                   help="checkpoint to carry on from, with the settings of the run that saved it: only --out, "
+                        "--backend, --data-dir and --no-progress may change (default: a new run)")
+    p.add_argument("--no-progress", dest="progress", action="store_false",
+                   help="no progress bar (default: one per epoch)")
     p.set_defaults(run=run_train)
 
     p = sub.add_parser("evaluate", help="test accuracy of a saved checkpoint")
-    p.add_argument("--checkpoint", required=True)
-    p.add_argument("--data-dir")
-    p.add_argument("--backend", default="numpy", choices=["numpy", "cupy"])
-    p.add_argument("--subset", type=_positive_int, help="evaluate on N test images only")
-    p.add_argument("--json", action="store_true", help="print the result as JSON")
+    p.add_argument("--checkpoint", required=True, metavar="PATH", help="checkpoint.npz written by train")
+    p.add_argument("--data-dir", metavar="FOLDER",
+                   help="folder holding the dataset files (default: the one the checkpoint's run used, "
+                        "then the usual search)")
+    p.add_argument("--backend", default="numpy", choices=["numpy", "cupy"], help="array backend" + DEFAULT)
+    p.add_argument("--subset", type=_positive_int, metavar="N",
+                   help="evaluate on a sample of N test images (default: all of them)")
+    p.add_argument("--json", action="store_true", help="print the result as JSON (default: one line of text)")
     p.set_defaults(run=run_evaluate)
 
 
@@ -116,10 +141,12 @@ def add_summary(sub):
     from .models import MODELS
 
     p = sub.add_parser("summary", help="per-layer table of a model: shapes, parameters, mult-adds")
-    p.add_argument("model", choices=sorted(MODELS), metavar="MODEL")
+    p.add_argument("model", choices=sorted(MODELS), metavar="MODEL",
+                   help="model name (resnet20, plain56, resnet18, ...)")
     p.add_argument("--input", type=_positive_int, nargs=3, metavar=("C", "H", "W"),
                    help="input shape (default: 3 32 32 for CIFAR models, 3 224 224 for ImageNet ones)")
-    p.add_argument("--num-classes", type=_positive_int)
+    p.add_argument("--num-classes", type=_positive_int, metavar="N",
+                   help="classes of the last layer (default: 10 for CIFAR models, 1000 for ImageNet ones)")
     p.set_defaults(run=run_summary)
 
 
@@ -137,7 +164,7 @@ def run_summary(args):
 
 def add_gradcheck(sub):
     p = sub.add_parser("gradcheck", help="gradient-check every layer type and a small ResNet")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of the layers' weights and inputs" + DEFAULT)
     p.set_defaults(run=run_gradcheck)
 
 

@@ -307,6 +307,26 @@ def test_cli_train_and_evaluate(tmp_path, capsys):
     assert result["model"] == "resnet20" and result["test_images"] == 200 and 0 <= result["test_acc"] <= 1
 
 
+def test_cli_help_shows_the_defaults(capsys):
+    """A newcomer sees in ``train --help`` that a bare ``train`` runs the whole dataset."""
+    with pytest.raises(SystemExit) as info:
+        main(["train", "--help"])
+    assert info.value.code == 0
+    shown = " ".join(capsys.readouterr().out.split())  # as one line: undo argparse's wrapping
+    for text in ("With no flags: resnet20 on all 60,000 fashion-mnist training images for 2 epochs",
+                 "--epochs EPOCHS passes over the training set (default: 2)", "(default: fashion-mnist)",
+                 "--batch-size BATCH_SIZE images per step (default: 128)",
+                 "--lr LR initial learning rate (default: 0.1)",
+                 "(default: 0.0005)", "(default: cosine)", "--subset N use a sample of N training (and at most N "
+                 "test) images (default: all of them)", "(default: runs/default)"):
+        assert text in shown, text
+    assert shown.count("(default: ") == 21  # every option but --help
+    for command in ("evaluate", "summary", "gradcheck"):
+        with pytest.raises(SystemExit):
+            main([command, "--help"])
+        assert "(default: " in capsys.readouterr().out
+
+
 def test_cli_summary_and_gradcheck(capsys):
     main(["summary", "resnet20"])
     assert "total parameters: 269,722" in capsys.readouterr().out
