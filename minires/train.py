@@ -340,8 +340,9 @@ def _downsample(values, n=100):
 def train(config, resume=None, log=print):
     """Train ``config.model`` on ``config.dataset``; returns the history (list of dicts).
 
-    ``resume``: path of a checkpoint written by an earlier run; training goes on
-    from the epoch after it, with the same optimizer, schedule and data order,
+    ``resume``: path of a checkpoint written by an earlier run with the same
+    settings (:func:`check_resume_config` names any that differ); training goes
+    on from the epoch after it, with the same optimizer, schedule and data order,
     so 1 epoch + resume 1 epoch equals 2 epochs (bit for bit on NumPy).
     """
     validate(config)
