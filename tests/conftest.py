@@ -1,13 +1,41 @@
-"""Shared fixtures.
+"""Shared fixtures, and a guard that the tests import this repository's minires.
 
 ``xp`` runs a test once per backend: NumPy always, CuPy only where CuPy and a
 GPU are present (skipped cleanly elsewhere, e.g. in CI). The active backend is
 switched for the duration of the test, so modules built inside it live there.
 """
+from pathlib import Path
+
 import numpy
 import pytest
 
-from minires import backend
+try:
+    from minires import backend
+except ModuleNotFoundError as err:  # no minires importable at all: pytest_configure explains
+    if err.name != "minires":
+        raise
+    backend = None
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def pytest_configure(config):
+    """Stop at once if these tests would import some other folder's ``minires``.
+
+    Plain ``pytest`` (unlike ``python -m pytest``) does not put the repository on
+    sys.path, so it imports whichever ``minires`` is installed: in a student copy
+    of the course kit that is the course's reference code, and every test of a
+    stubbed part would pass. A UsageError prints one clear message, no traceback.
+    """
+    imported = Path(backend.__file__).resolve().parent if backend else None
+    here = (REPO / "minires").resolve()
+    if imported != here:
+        problem = (f"import minires from {imported}, not {here}: they would test that code"
+                   if imported else f"cannot import minires ({REPO} is not on sys.path)")
+        raise pytest.UsageError(
+            f"the tests in {REPO / 'tests'} {problem}.\n"
+            f"  fix: run `pip install -e .` in {REPO}, or run the tests with `python -m pytest` there.")
+
 
 BACKENDS = ["numpy", pytest.param("cupy", marks=pytest.mark.gpu)]
 
