@@ -16,12 +16,14 @@ Everything else stays as it is, so students can run the tests, the gradient
 checks and the training loop on their own code.
 
 ``python -m minires assignment grade [--path DIR] [--json]`` grades the copy at
-DIR, part by part: numerical gradient checks (centered differences, float64,
-random upstream gradient) and, where PyTorch is installed, parity with
+DIR (default: the current folder if it holds a ``minires/`` package), part by
+part: numerical gradient checks (centered differences, float64, random
+upstream gradient) and, where PyTorch is installed, parity with
 ``torch.autograd``. The checks run in a separate Python process whose
 ``PYTHONPATH`` is DIR, so the student's ``minires`` is the one imported, never
-the grader's own; they use their own numerical gradient code, not the
-student's ``minires.gradcheck``. Exit status 0 only if every part passes.
+the grader's own (if an installed ``minires`` still comes first, grading stops
+with an error naming both); they use their own numerical gradient code, not
+the student's ``minires.gradcheck``. Exit status 0 only if every part passes.
 
 This file is also the grading worker: the grader runs it as a script
 (``python -P assignment.py --worker ...``), so its top level imports only the
@@ -227,9 +229,21 @@ def package_regions(package_dir):
     return found
 
 
-def stub_lines(part, indent):
-    """The lines that replace a marked body in the student copy (markers not included)."""
-    lines = [f"{indent}# TODO({part.name}): write this body. The math: {part.doc}"]
+def doc_reference(part, root=None):
+    """Where the part's derivation page is, as told to a student: ``part.doc`` when
+    the folder ``root`` holds it, else the same path said to be in the course
+    repository (a student copy has no docs/ unless made ``--with-docs``)."""
+    if root is not None and (Path(root) / part.doc).is_file():
+        return part.doc
+    return f"{part.doc} in the course repository (not in this copy)"
+
+
+def stub_lines(part, indent, doc=None):
+    """The lines that replace a marked body in the student copy (markers not included).
+
+    ``doc`` is what the TODO says about the derivation page (default: ``part.doc``).
+    """
+    lines = [f"{indent}# TODO({part.name}): write this body.", f"{indent}# The math: {doc or part.doc}"]
     lines += [f"{indent}#   {line}".rstrip() for line in part.todo.splitlines()]
     lines.append(f'{indent}raise NotImplementedError("{part.name}: not written yet, see the TODO above")')
     return lines
@@ -319,7 +333,8 @@ def make(out, only=None, force=False, with_docs=False, root=None):
         if (root / extra).is_file():
             shutil.copy2(root / extra, out / extra)
     # not the project's README: it quotes ResidualBlock.backward (setup.cfg reads a README.md)
-    (out / "README.md").write_text("# minires, student copy\n\nStart with ASSIGNMENT.md.\n")
+    (out / "README.md").write_text("# minires, student copy\n\n" + "\n".join(_SETUP) + "\n\n"
+                                   "Then read ASSIGNMENT.md: the parts to write and how to check them.\n")
 
     by_file = {}
     for name in names:
@@ -329,27 +344,54 @@ def make(out, only=None, force=False, with_docs=False, root=None):
         target = out / "minires" / rel
         text = target.read_text()
         for region in sorted(file_regions, key=lambda r: r.begin, reverse=True):  # bottom up: lines stay valid
-            text = replace_region(text, region, stub_lines(_PART_BY_NAME[region.name], region.indent))
+            part = _PART_BY_NAME[region.name]
+            text = replace_region(text, region, stub_lines(part, region.indent, doc_reference(part, out)))
         compile(text, str(target), "exec")  # a stub that does not parse is a bug in this file
         target.write_text(text)
-    (out / "ASSIGNMENT.md").write_text(_assignment_readme(names))
+    (out / "ASSIGNMENT.md").write_text(_assignment_readme(names, out))
     return list(names)
 
 
-def _assignment_readme(names):
+# The first thing a student does in the copy: make `minires` mean the copy. An
+# installed minires (the course repository's, say) would otherwise be what plain
+# `pytest` and the `minires` command import, and they would test the reference.
+_SETUP = [
+    "## First: install this copy",
+    "",
+    "Inside this folder, in the Python environment you work in:",
+    "",
+    "```bash",
+    "pip install -e .      # `minires` is now this copy (it replaces any other minires installed there)",
+    'python -c "import minires; print(minires.__file__)"   # must print a path inside this folder',
+    "```",
+    "",
+    "Run the tests with `python -m pytest` (it puts this folder first on the path);",
+    "the test suite stops with an error if the `minires` it imports is not this copy's.",
+]
+
+
+def _assignment_readme(names, out):
     lines = [
         "# Assignment: backpropagation by hand",
         "",
         "Each part below is a function body in `minires/` replaced by a `TODO` and a",
         "`raise NotImplementedError`. Write the body; do not change the function's",
-        "signature or what it returns. Everything else in the package works, so you",
-        "can test your code in every way the project tests its own:",
+        "signature or what it returns.",
+        "",
+        *_SETUP,
+        "",
+        "## Checking your work",
+        "",
+        "Everything else in the package works, so you can test your code in every way",
+        "the project tests its own (run these inside this folder):",
         "",
         "```bash",
         "python -m minires assignment grade      # gradient checks + PyTorch parity, part by part",
         "python -m minires gradcheck             # every layer and a small ResNet",
         "python -m pytest -q tests               # the project's test suite",
         "```",
+        "",
+        "## The parts",
         "",
         "| part | where | derivation |",
         "|---|---|---|",
@@ -358,9 +400,12 @@ def _assignment_readme(names):
         part = _PART_BY_NAME[name]
         lines.append(f"| `{name}` | `minires/{part.path}` (`{part.function}`) | `{part.doc}` |")
     lines.append("")
+    if not all((Path(out) / _PART_BY_NAME[name].doc).is_file() for name in names):
+        lines += ["The derivation pages are in the `docs/` folder of the course repository;",
+                  "this copy does not include them.", ""]
     for name in names:
         part = _PART_BY_NAME[name]
-        lines += [f"## `{name}`", "", "```text", part.todo, "```", ""]
+        lines += [f"### `{name}`", "", "```text", part.todo, "```", ""]
     return "\n".join(lines)
 
 
@@ -368,15 +413,41 @@ def _assignment_readme(names):
 # grade (parent side)
 # ======================================================================================
 
+def default_grade_path(cwd=None):
+    """The folder ``grade`` grades without a path: the current folder when it holds
+    a ``minires/`` package (a student copy, graded even when the ``minires``
+    command that runs this file is installed from elsewhere), else the folder
+    this file's own package sits in."""
+    cwd = Path.cwd() if cwd is None else Path(cwd)
+    if (cwd / "minires" / "__init__.py").is_file():
+        return cwd.resolve()
+    return source_root()
+
+
+def import_mismatch(path, imported):
+    """None if ``imported`` (the folder of the ``minires`` a process imported) is
+    ``path``/minires; else the error message, naming both folders and the fix."""
+    path, imported = Path(path).resolve(), Path(imported).resolve()
+    if imported == (path / "minires").resolve():
+        return None
+    return (f"refusing to grade {path}: the grading process imported minires from {imported}, "
+            f"not {path / 'minires'}. Another minires installed in this Python comes first; "
+            f"fix: `pip install -e {path}` (or `pip uninstall minires`), then grade again")
+
+
 def grade(path=None, only=None, use_torch=True, timeout=600):
-    """Grade the package at ``path`` (default: the one this file belongs to).
+    """Grade the package at ``path`` (default: ``default_grade_path()``).
+
+    The checks run in a subprocess that imports ``minires`` from ``path``; if it
+    gets another one (an installed ``minires`` shadowing the copy), RuntimeError
+    with both folders, rather than a grade of the wrong code.
 
     Returns a dict: ``path``, ``imported`` (the folder of the ``minires`` that was
     graded), ``torch`` (whether parity checks ran), ``parts``
     (one dict per part: ``part``, ``passed``, ``worst_rel_error``, ``hint``,
     ``checks``, ``error``), ``passed``, ``total`` and ``score`` (a fraction).
     """
-    path = Path(path).resolve() if path is not None else source_root()
+    path = Path(path).resolve() if path is not None else default_grade_path()
     if not (path / "minires" / "__init__.py").is_file():
         raise ValueError(f"no minires package to grade in {path} (expected {path / 'minires' / '__init__.py'})")
     names = parse_names(only)
@@ -406,7 +477,7 @@ def grade(path=None, only=None, use_torch=True, timeout=600):
             "part": name, "passed": False, "worst_rel_error": None, "checks": [],
             "error": stopped or "the grading process stopped before this part",
         }
-        record["hint"] = "" if record["passed"] else _hint(_PART_BY_NAME[name], record)
+        record["hint"] = "" if record["passed"] else _hint(_PART_BY_NAME[name], record, path)
         parts.append(record)
     passed = sum(p["passed"] for p in parts)
     return {"path": str(path), "imported": header.get("minires"), "torch": bool(header.get("torch")),
@@ -414,17 +485,19 @@ def grade(path=None, only=None, use_torch=True, timeout=600):
             "parts": parts, "passed": passed, "total": len(parts), "score": passed / len(parts)}
 
 
-def _hint(part, record):
+def _hint(part, record, root=None):
+    """What ``grade`` tells the student about a failed part; ``root`` is the graded folder."""
+    doc = doc_reference(part, root)
     error = record.get("error")
     if error and error.startswith("NotImplementedError"):
-        return f"not written yet (still raises NotImplementedError); see {part.doc}"
+        return f"not written yet (still raises NotImplementedError); see {doc}"
     failed = next((c for c in record["checks"] if not c["passed"]), None)
     where = ""
     if failed is not None:
         where = f"[{failed['name']}] " + (f"{failed['message']}; " if failed.get("message") else "")
     elif error:
         where = f"{error}; "
-    return f"{where}{part.hint} ({part.doc})"
+    return f"{where}{part.hint} (see {doc})"
 
 
 def format_report(report):
@@ -465,7 +538,8 @@ def add_parser(sub):
     m.set_defaults(run=run_make)
 
     g = asub.add_parser("grade", help="grade a copy part by part; exit status 1 unless all pass")
-    g.add_argument("--path", metavar="DIR", help="folder holding the minires/ to grade (default: this one)")
+    g.add_argument("--path", metavar="DIR", help="folder holding the minires/ to grade (default: the current "
+                   "folder if it holds a minires/ package, else the one this minires is installed from)")
     g.add_argument("--only", nargs="+", metavar="NAME", help="parts to grade (default: all)")
     g.add_argument("--json", action="store_true", help="print the per-part results as JSON")
     g.add_argument("--no-torch", dest="torch", action="store_false", help="skip the PyTorch parity checks")
@@ -485,6 +559,9 @@ def run_make(args):
 
 
 def run_grade(args):
+    if args.path is None and default_grade_path() != Path.cwd().resolve():
+        print(f"no minires/ in the current folder: grading the installed one, in {source_root()} "
+              "(use --path DIR to grade another copy)", file=sys.stderr)
     report = grade(args.path, args.only, use_torch=args.torch, timeout=args.timeout)
     print(json.dumps(report, indent=2) if args.json else format_report(report))
     return 0 if report["passed"] == report["total"] else 1
@@ -493,7 +570,7 @@ def run_grade(args):
 def run_list(args):
     width = max(len(n) for n in PART_NAMES)
     for part in PARTS:
-        print(f"{part.name:<{width}}  {part.function}  ({part.doc})")
+        print(f"{part.name:<{width}}  {part.function}  ({doc_reference(part, source_root())})")
     return 0
 
 
@@ -519,8 +596,9 @@ def _worker_main(argv):
 
     student = Path(os.environ.get("PYTHONPATH", ".")).resolve()
     imported = Path(minires.__file__).resolve()
-    if student not in imported.parents:
-        emit({"worker": True, "fatal": f"imported minires from {imported.parent}, not from {student}"})
+    mismatch = import_mismatch(student, imported.parent)
+    if mismatch:
+        emit({"worker": True, "fatal": mismatch})
         return
     torch = None
     if torch_flag == "--torch":

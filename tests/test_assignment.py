@@ -100,7 +100,8 @@ def test_make_stubs_only_the_marked_bodies(tmp_path):
         region = next(r for r in A.find_regions(copied) if r.name == part.name)
         body = "\n".join(A.region_body(copied, region))
         assert "raise NotImplementedError" in body and f"TODO({part.name})" in body
-        assert "Inputs:" in body and "Returns:" in body and part.doc in body
+        assert "Inputs:" in body and "Returns:" in body
+        assert f"{part.doc} in the course repository" in body  # the copy has no docs/
         # putting the reference body back gives the reference file, byte for byte
         restored = A.replace_region(copied, region, reference[part.name])
         others = [p for p in A.PARTS if p.path == part.path and p.name != part.name]
@@ -117,14 +118,24 @@ def test_make_stubs_only_the_marked_bodies(tmp_path):
     assert (out / "tests" / "test_ops.py").is_file()
     assert not (out / "tests" / "test_assignment.py").exists()  # tests this kit, not the student's code
     assert not (out / "docs").exists()
-    assert all(f"`{name}`" in (out / "ASSIGNMENT.md").read_text() for name in A.PART_NAMES)
-    assert "ResidualBlock" not in (out / "README.md").read_text()
+    assignment = (out / "ASSIGNMENT.md").read_text()
+    assert all(f"`{name}`" in assignment for name in A.PART_NAMES)
+    assert "docs/` folder of the course repository" in assignment
+    readme = (out / "README.md").read_text()
+    assert "ResidualBlock" not in readme
+    # the first step, in both: install the copy itself, and run the tests with `python -m pytest`
+    for text in (assignment, readme):
+        assert text.index("pip install -e .") < text.index("python -m pytest")
+        assert text.index("pip install -e .") < text.find("## The parts") or "## The parts" not in text
 
 
 def test_make_only_and_with_docs(tmp_path):
     names = A.make(tmp_path / "c", ["conv2d_backward,relu_backward"], with_docs=True)
     assert names == ["relu_backward", "conv2d_backward"]  # in PARTS order
     assert (tmp_path / "c" / "docs" / "backward" / "conv2d.md").is_file()
+    conv = (tmp_path / "c" / "minires" / "functional" / "conv.py").read_text()
+    assert "The math: docs/backward/conv2d.md\n" in conv  # the page is in the copy: its path alone
+    assert "course repository" not in (tmp_path / "c" / "ASSIGNMENT.md").read_text()
     loss = (tmp_path / "c" / "minires" / "functional" / "loss.py").read_text()
     assert loss == (PACKAGE / "functional" / "loss.py").read_text()
 
@@ -170,6 +181,7 @@ def test_student_copy_fails_the_stubbed_parts_and_passes_after_pasting_back(tmp_
             assert not results[name]["passed"], name
             assert results[name]["error"].startswith("NotImplementedError")
             assert "not written yet" in results[name]["hint"]
+            assert "in the course repository (not in this copy)" in results[name]["hint"]
         else:
             assert results[name]["passed"], results[name]
     assert report["passed"] == len(A.PARTS) - len(stubbed)
@@ -233,6 +245,39 @@ def test_plausible_wrong_answers_fail_with_a_useful_hint(tmp_path):
     assert results["residual_block_backward"]["worst_rel_error"] > 1e-2
 
 
+def test_doc_reference_says_where_the_page_is(tmp_path):
+    part = A.PARTS[0]
+    assert A.doc_reference(part, ROOT) == part.doc
+    assert A.doc_reference(part, tmp_path) == f"{part.doc} in the course repository (not in this copy)"
+    assert A._hint(part, {"error": "NotImplementedError: x", "checks": []}, ROOT).endswith(f"see {part.doc}")
+
+
+def test_grade_defaults_to_the_copy_in_the_current_folder(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert A.default_grade_path() == A.source_root()  # no minires/ here
+    (tmp_path / "minires").mkdir()
+    (tmp_path / "minires" / "__init__.py").write_text("")
+    assert A.default_grade_path() == tmp_path.resolve()
+
+
+def shadowed_copy(folder):
+    """A folder whose minires/ hands over to the reference on import: what the grading
+    process sees when an installed minires comes before the copy on its path."""
+    (folder / "minires").mkdir(parents=True)
+    (folder / "minires" / "__init__.py").write_text(
+        f"import sys\nsys.path.insert(0, {str(ROOT)!r})\ndel sys.modules['minires']\nimport minires  # noqa\n")
+    return folder
+
+
+def test_grade_refuses_a_minires_imported_from_elsewhere(tmp_path):
+    copy = shadowed_copy(tmp_path / "alice")
+    with pytest.raises(RuntimeError, match="refusing to grade") as info:
+        A.grade(copy, ["relu_backward"], use_torch=False)
+    message = str(info.value)
+    assert str(PACKAGE) in message and str(copy / "minires") in message and "pip install -e" in message
+    assert A.import_mismatch(ROOT, PACKAGE) is None
+
+
 def test_an_endless_loop_fails_by_timeout_not_forever(tmp_path):
     A.make(tmp_path, ["relu_backward"])
     set_body(tmp_path, "relu_backward", ["    while True:", "        pass"])
@@ -243,8 +288,12 @@ def test_an_endless_loop_fails_by_timeout_not_forever(tmp_path):
 
 # --- command line ---------------------------------------------------------------------
 
-def cli(*args, cwd=ROOT):
-    return subprocess.run([sys.executable, "-m", "minires", "assignment", *args], cwd=cwd,
+def cli(*args, cwd=ROOT, installed=False):
+    """``python -m minires assignment ARGS`` in ``cwd``; ``installed``: as the ``minires``
+    console script runs it, importing this repository's minires wherever ``cwd`` is."""
+    python = [sys.executable, "-P"] if installed else [sys.executable]
+    env = dict(os.environ, PYTHONPATH=str(ROOT)) if installed else None
+    return subprocess.run([*python, "-m", "minires", "assignment", *args], cwd=cwd, env=env,
                           capture_output=True, text=True, timeout=300)
 
 
@@ -259,6 +308,18 @@ def test_cli_make_grade_list_and_errors(tmp_path):
     # run from inside the copy, grade grades the copy by default
     inside = cli("grade", "--only", "relu_backward", "--no-torch", cwd=tmp_path / "h")
     assert inside.returncode == 0 and "score: 1/1" in inside.stdout
+    # ... also when the minires that runs the grader is installed from elsewhere (the reference)
+    inside = cli("grade", "--only", "linear_backward", "--no-torch", cwd=tmp_path / "h", installed=True)
+    assert inside.returncode == 1 and f"grading {(tmp_path / 'h').resolve()}" in inside.stdout
+    assert "docs/backward/linear.md in the course repository" in inside.stdout
+    # elsewhere, it grades the installed one, and says so
+    (tmp_path / "elsewhere").mkdir()
+    outside = cli("grade", "--only", "relu_backward", "--no-torch", cwd=tmp_path / "elsewhere", installed=True)
+    assert outside.returncode == 0 and f"grading {ROOT}" in outside.stdout
+    assert f"no minires/ in the current folder: grading the installed one, in {ROOT}" in outside.stderr
+    shadowed = cli("grade", "--path", str(shadowed_copy(tmp_path / "bob")), "--no-torch")
+    assert shadowed.returncode == 2 and "refusing to grade" in shadowed.stderr
+    assert len(shadowed.stderr.strip().splitlines()) == 1
 
     listed = cli("list")
     assert listed.returncode == 0 and all(name in listed.stdout for name in A.PART_NAMES)
@@ -267,6 +328,28 @@ def test_cli_make_grade_list_and_errors(tmp_path):
         bad = cli(*args)
         assert bad.returncode == 2 and message in bad.stderr
         assert "Traceback" not in bad.stderr and len(bad.stderr.strip().splitlines()) == 1
+
+
+def test_tests_stop_when_they_would_import_another_minires(tmp_path):
+    """tests/conftest.py: plain `pytest` in a copy imports the installed minires (here
+    the reference, via PYTHONPATH); the run must stop, naming both folders, and go on
+    when the copy's own minires is the one imported."""
+    copy = tmp_path / "copy"
+    A.make(copy, ["relu_backward"])
+
+    def pytest_in(cwd, pythonpath):
+        env = dict(os.environ, PYTHONPATH=str(pythonpath))
+        return subprocess.run([sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "--collect-only", "-q",
+                               str(copy / "tests" / "test_nn.py")],
+                              cwd=cwd, env=env, capture_output=True, text=True, timeout=120)
+
+    wrong = pytest_in(tmp_path, ROOT)  # cwd outside the copy, as with plain `pytest`
+    assert wrong.returncode == pytest.ExitCode.USAGE_ERROR, wrong.stdout + wrong.stderr
+    assert f"import minires from {PACKAGE}, not {copy / 'minires'}" in wrong.stderr
+    assert "pip install -e ." in wrong.stderr and "python -m pytest" in wrong.stderr
+    assert "Traceback" not in wrong.stderr
+    right = pytest_in(copy, ROOT)  # python -m pytest in the copy: the copy comes first
+    assert right.returncode == 0, right.stdout[-2000:] + right.stderr[-2000:]
 
 
 @pytest.mark.slow
