@@ -124,7 +124,7 @@ def _shown(value):
 def _as_argument(name, value):
     """The command-line words that set ``name`` to ``value`` ("" where it is the flag's absence)."""
     flag = "--" + name.replace("_", "-")
-    if value is None or value is False and name == "nesterov":
+    if value is None or (value is False and name == "nesterov"):
         return ""
     if isinstance(value, bool):
         return flag if value else f"--no-{name}"
