@@ -44,6 +44,11 @@ _positive_float = _number(float, 0, strict=True)
 # argparse fills in %(default)s; flags whose default is "not given" say in words what that means.
 DEFAULT = " (default: %(default)s)"
 
+#: What ``--recipe`` sets. Flags typed on the command line win over it: their
+#: parser default is None ("not given"), so run_train can tell them apart.
+RECIPES = {"he2016-cifar": dict(lr=0.1, momentum=0.9, weight_decay=1e-4, schedule="he2016-cifar",
+                                augment=True)}
+
 
 def add_train(sub):
     from .data import DATASETS
@@ -62,17 +67,19 @@ def add_train(sub):
     p.add_argument("--epochs", type=_non_negative_int, default=d.epochs,
                    help="passes over the training set" + DEFAULT)
     p.add_argument("--batch-size", type=_positive_int, default=d.batch_size, help="images per step" + DEFAULT)
-    p.add_argument("--lr", type=_positive_float, default=d.lr, help="initial learning rate" + DEFAULT)
-    p.add_argument("--momentum", type=float, default=d.momentum, help="SGD momentum" + DEFAULT)
-    p.add_argument("--weight-decay", type=float, default=d.weight_decay, help="L2 weight decay" + DEFAULT)
+    by_recipe = "; with --recipe, the recipe's)"
+    p.add_argument("--lr", type=_positive_float, help=f"initial learning rate (default: {d.lr}" + by_recipe)
+    p.add_argument("--momentum", type=float, help=f"SGD momentum (default: {d.momentum}" + by_recipe)
+    p.add_argument("--weight-decay", type=float, help=f"L2 weight decay (default: {d.weight_decay}" + by_recipe)
     p.add_argument("--nesterov", action="store_true", help="Nesterov momentum (default: off)")
     p.add_argument("--optimizer", default=d.optimizer, choices=["sgd", "adam", "adamw"], help="optimizer" + DEFAULT)
-    p.add_argument("--schedule", default=d.schedule, choices=SCHEDULES,
-                   help="learning-rate schedule over the whole run, stepped every iteration" + DEFAULT)
-    p.add_argument("--recipe", choices=["he2016-cifar"],
+    p.add_argument("--schedule", choices=SCHEDULES,
+                   help=f"learning-rate schedule over the whole run, stepped every iteration (default: {d.schedule}"
+                        + by_recipe)
+    p.add_argument("--recipe", choices=sorted(RECIPES),
                    help="he2016-cifar: SGD lr 0.1, momentum 0.9, weight decay 1e-4, lr /10 at 1/2 and 3/4 "
-                        "of the run (He et al. 2016, sec. 4.2: 32k and 48k of 64k iterations), pad-and-crop + flip "
-                        "(default: none)")
+                        "of the run (He et al. 2016, sec. 4.2: 32k and 48k of 64k iterations), pad-and-crop + flip; "
+                        "flags given with it override its values (default: none)")
     p.add_argument("--warmup", type=_non_negative_int, default=d.warmup,
                    help="linear warm-up iterations" + DEFAULT)
     p.add_argument("--shortcut", default=d.shortcut, choices=["A", "B"],
@@ -112,11 +119,9 @@ def run_train(args):
     from .train import TrainConfig, train
 
     names = {f.name for f in fields(TrainConfig)}
-    config = TrainConfig(**{k: v for k, v in vars(args).items() if k in names})
-    if args.recipe == "he2016-cifar":
-        config.lr, config.momentum, config.weight_decay, config.schedule = 0.1, 0.9, 1e-4, "he2016-cifar"
-        if config.augment is None:
-            config.augment = True
+    typed = {k: v for k, v in vars(args).items() if k in names and v is not None}
+    # TrainConfig's defaults, then the recipe's values, then what was typed
+    config = TrainConfig(**{**RECIPES.get(args.recipe, {}), **typed})
     history = train(config, resume=args.resume)
     if history:
         last = history[-1]

@@ -316,8 +316,8 @@ def test_cli_help_shows_the_defaults(capsys):
     for text in ("With no flags: resnet20 on all 60,000 fashion-mnist training images for 2 epochs",
                  "--epochs EPOCHS passes over the training set (default: 2)", "(default: fashion-mnist)",
                  "--batch-size BATCH_SIZE images per step (default: 128)",
-                 "--lr LR initial learning rate (default: 0.1)",
-                 "(default: 0.0005)", "(default: cosine)", "--subset N use a sample of N training (and at most N "
+                 "--lr LR initial learning rate (default: 0.1; with --recipe, the recipe's)",
+                 "(default: 0.0005;", "(default: cosine;", "--subset N use a sample of N training (and at most N "
                  "test) images (default: all of them)", "(default: runs/default)"):
         assert text in shown, text
     assert shown.count("(default: ") == 21  # every option but --help
@@ -325,6 +325,24 @@ def test_cli_help_shows_the_defaults(capsys):
         with pytest.raises(SystemExit):
             main([command, "--help"])
         assert "(default: " in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("argv, expected", [
+    ([], dict(lr=0.1, momentum=0.9, weight_decay=5e-4, schedule="cosine", augment=None)),
+    (["--recipe", "he2016-cifar"], dict(lr=0.1, momentum=0.9, weight_decay=1e-4, schedule="he2016-cifar",
+                                        augment=True)),
+    # flags typed with the recipe win over its values (they used to be overwritten silently)
+    (["--recipe", "he2016-cifar", "--lr", "0.05", "--weight-decay", "0.001", "--no-augment"],
+     dict(lr=0.05, momentum=0.9, weight_decay=1e-3, schedule="he2016-cifar", augment=False)),
+    (["--recipe", "he2016-cifar", "--schedule", "cosine", "--momentum", "0.5"],
+     dict(lr=0.1, momentum=0.5, weight_decay=1e-4, schedule="cosine", augment=True)),
+])
+def test_cli_train_recipe_and_typed_flags(argv, expected, monkeypatch):
+    import minires.train
+    seen = {}
+    monkeypatch.setattr(minires.train, "train", lambda config, resume=None: seen.setdefault("config", config) and [])
+    main(["train"] + argv)
+    assert {k: getattr(seen["config"], k) for k in expected} == expected
 
 
 def test_cli_summary_and_gradcheck(capsys):
