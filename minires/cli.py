@@ -175,8 +175,9 @@ def add_gradcheck(sub):
 
 def run_gradcheck(args):
     from . import backend, nn
-    from .gradcheck import check_module
-    from .models import CifarResNet
+    from .functional import softmax_cross_entropy_backward, softmax_cross_entropy_forward
+    from .gradcheck import check_gradients, check_module
+    from .models import BasicBlock, Bottleneck, CifarResNet
 
     backend.manual_seed(args.seed)
     rng = numpy.random.default_rng(args.seed)
@@ -187,19 +188,33 @@ def run_gradcheck(args):
         ("Linear", nn.Linear(6, 4), (3, 6)),
         ("MaxPool2d 2x2", nn.MaxPool2d(2), (2, 2, 4, 4)),
         ("AvgPool2d 3x3 stride 2 pad 1", nn.AvgPool2d(3, 2, 1), (2, 2, 5, 5)),
+        ("AdaptiveAvgPool2d + Flatten", nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten()), (2, 3, 3, 3)),
+        ("BasicBlock, projection (B)", BasicBlock(2, 3, stride=2, shortcut="B"), (3, 2, 5, 5)),
+        ("Bottleneck, stride 2", Bottleneck(3, 2, stride=2), (3, 3, 5, 5)),
         ("ResNet-8 (option A), tiny", CifarResNet(1, 3, 2, widths=(2, 3, 4)), (3, 2, 6, 6)),
         ("plain-8, tiny", CifarResNet(1, 3, 2, plain=True, widths=(2, 3, 4)), (3, 2, 6, 6)),
     ]
     print("Centered differences in float64 with a random upstream gradient; "
           "relative error = |a-b| / (|a|+|b|)\n")
     print(f"{'layer':<32} {'worst relative error':>22}   checked")
-    worst_all = 0.0
+    rows = []
     for name, module, shape in cases:
         x = backend.to_device(rng.standard_normal(shape))  # where the module's parameters live
         errors = check_module(module, x, num_checks=8)
-        worst = max(errors.values())
+        rows.append((name, max(errors.values()), f"input + {len(errors) - 1} parameter arrays"))
+    # The loss (CrossEntropyLoss's op): a scalar output, so the upstream gradient is a random scalar.
+    logits = backend.to_device(rng.standard_normal((5, 4)))
+    labels = backend.to_device(rng.integers(0, 4, size=5))
+    dloss = float(rng.standard_normal())
+    _, cache = softmax_cross_entropy_forward(logits, labels)
+    errors = check_gradients(lambda: softmax_cross_entropy_forward(logits, labels)[0],
+                             {"logits": logits}, {"logits": softmax_cross_entropy_backward(dloss, cache)},
+                             backend.get_array_module(logits).asarray(dloss))
+    rows.append(("CrossEntropyLoss (softmax)", errors["logits"], "logits (the labels get none)"))
+    worst_all = 0.0
+    for name, worst, checked in rows:
         worst_all = max(worst_all, worst)
-        print(f"{name:<32} {worst:>22.2e}   input + {len(errors) - 1} parameter arrays")
+        print(f"{name:<32} {worst:>22.2e}   {checked}")
     verdict = "all backward passes agree with numerical gradients" if worst_all < 1e-7 else "MISMATCH"
     print(f"\n{verdict} (worst {worst_all:.1e}, bound 1e-7)")
     if worst_all >= 1e-7:
