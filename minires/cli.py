@@ -44,8 +44,9 @@ _positive_float = _number(float, 0, strict=True)
 # argparse fills in %(default)s; flags whose default is "not given" say in words what that means.
 DEFAULT = " (default: %(default)s)"
 
-#: What ``--recipe`` sets. Flags typed on the command line win over it: their
-#: parser default is None ("not given"), so run_train can tell them apart.
+#: What ``--recipe`` sets. Flags given on the command line win over it: each of
+#: these flags has the parser default None ("not given"; checked in add_train),
+#: so run_train can tell a given value from an absent one.
 RECIPES = {"he2016-cifar": dict(lr=0.1, momentum=0.9, weight_decay=1e-4, schedule="he2016-cifar",
                                 augment=True)}
 
@@ -85,7 +86,7 @@ def add_train(sub):
     p.add_argument("--shortcut", default=d.shortcut, choices=["A", "B"],
                    help="A: zero-padded identity, B: 1x1 projection where the shape changes" + DEFAULT)
     p.add_argument("--augment", action=argparse.BooleanOptionalAction, default=d.augment,
-                   help="pad-and-crop + flip (default: on for cifar10 only)")
+                   help="pad-and-crop + flip (default: on for cifar10 only; with --recipe, on)")
     p.add_argument("--subset", type=_positive_int, default=d.subset, metavar="N",
                    help="use a sample of N training (and at most N test) images (default: all of them)")
     p.add_argument("--seed", type=int, default=d.seed,
@@ -98,10 +99,13 @@ def add_train(sub):
                    help="output folder (history.json, checkpoint.npz, curves.png)" + DEFAULT)
     p.add_argument("--resume", metavar="PATH",
                    help="checkpoint to carry on from, with the settings of the run that saved it: only --out, "
-                        "--backend, --data-dir and --no-progress may change (default: a new run)")
+                        "--backend, --data-dir and --no-progress may change, and --epochs with --schedule "
+                        "constant (default: a new run)")
     p.add_argument("--no-progress", dest="progress", action="store_false",
                    help="no progress bar (default: one per epoch)")
     p.set_defaults(run=run_train)
+    # a recipe's flags must default to None, or a default would override the recipe
+    assert all(p.get_default(k) is None for recipe in RECIPES.values() for k in recipe)
 
     p = sub.add_parser("evaluate", help="test accuracy of a saved checkpoint")
     p.add_argument("--checkpoint", required=True, metavar="PATH", help="checkpoint.npz written by train")
@@ -119,9 +123,9 @@ def run_train(args):
     from .train import TrainConfig, train
 
     names = {f.name for f in fields(TrainConfig)}
-    typed = {k: v for k, v in vars(args).items() if k in names and v is not None}
-    # TrainConfig's defaults, then the recipe's values, then what was typed
-    config = TrainConfig(**{**RECIPES.get(args.recipe, {}), **typed})
+    given = {k: v for k, v in vars(args).items() if k in names and v is not None}
+    # TrainConfig's defaults, then the recipe's values, then the flags given (a recipe's have no default)
+    config = TrainConfig(**{**RECIPES.get(args.recipe, {}), **given})
     history = train(config, resume=args.resume)
     if history:
         last = history[-1]

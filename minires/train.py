@@ -105,11 +105,9 @@ MAY_CHANGE_ON_RESUME = ("out", "progress", "backend", "data_dir", "eval_batch_si
 RESUME_STATE = ("epoch", "history", "schedule", "loader_state")
 
 
-def _effective_augment(settings):
-    """``augment`` as the run uses it (None means: on for CIFAR-10 only)."""
-    if settings.get("augment") is None:
-        return settings.get("dataset") == "cifar10"
-    return settings["augment"]
+def augment_used(augment, dataset):
+    """Whether a run augments its training images: ``augment``, where None means on for CIFAR-10 only."""
+    return dataset == "cifar10" if augment is None else augment
 
 
 def _shown(value):
@@ -121,14 +119,18 @@ def _shown(value):
     return value
 
 
+def _flag(name):
+    """The command-line flag of a TrainConfig field: batch_size -> --batch-size."""
+    return "--" + name.replace("_", "-")
+
+
 def _as_argument(name, value):
-    """The command-line words that set ``name`` to ``value`` ("" where it is the flag's absence)."""
-    flag = "--" + name.replace("_", "-")
-    if value is None or (value is False and name == "nesterov"):
+    """The command-line words that set ``name`` to ``value`` ("" where that is leaving the flag out)."""
+    if value is None or (value is False and name == "nesterov"):  # --nesterov has no --no- form
         return ""
     if isinstance(value, bool):
-        return flag if value else f"--no-{name}"
-    return f"{flag} {value}"
+        return _flag(name) if value else "--no-" + _flag(name)[2:]
+    return f"{_flag(name)} {value}"
 
 
 def check_resume_config(path, meta, config):
@@ -154,7 +156,7 @@ def check_resume_config(path, meta, config):
     given = asdict(config)
     differing = []
     # With a constant learning rate nothing ends with the planned epochs: a run may be extended.
-    constant_lr = config.schedule == saved.get("schedule") == "constant"
+    constant_lr = config.schedule == saved.get("schedule", TrainConfig.schedule) == "constant"
     for field in fields(TrainConfig):
         name = field.name
         if name in MAY_CHANGE_ON_RESUME or name == "epochs" and constant_lr:
@@ -162,24 +164,23 @@ def check_resume_config(path, meta, config):
         # A setting added to TrainConfig after the checkpoint was saved: the
         # run had the behaviour its default keeps.
         old, new = saved.get(name, field.default), given[name]
-        if name == "augment":
-            old, new = _effective_augment({**saved, "augment": old}), _effective_augment(given)
+        if name == "augment":  # compared as the runs use it: unset is off for Fashion-MNIST
+            old = augment_used(old, saved.get("dataset", TrainConfig.dataset))
+            new = augment_used(new, config.dataset)
         if old != new:
             differing.append((name, old, new))
     if not differing:
         return
 
-    listed = ", ".join(f"--{name.replace('_', '-')} (saved {_shown(old)}, given {_shown(new)})"
-                       for name, old, new in differing)
-    words = [_as_argument(name, old) for name, old, _ in differing]
-    saved_values = [" ".join(w for w in words if w)]
-    absent = [f"--{name.replace('_', '-')}" for (name, _, _), w in zip(differing, words) if not w]
-    if absent:
-        saved_values.append("without " + " ".join(absent))
-    why = ""
-    for name, old, _ in differing:
-        if name == "epochs":  # e.g. a cosine reaches lr 0 there: more epochs would train at lr 0
-            why = f" (its learning-rate schedule was laid out over {old} epochs and ends there)"
+    listed = ", ".join(f"{_flag(name)} (saved {_shown(old)}, given {_shown(new)})" for name, old, new in differing)
+    rerun = [_as_argument(name, old) for name, old, _ in differing]
+    left_out = [_flag(name) for (name, _, _), words in zip(differing, rerun) if not words]
+    saved_values = [" ".join(words for words in rerun if words)]
+    if left_out:
+        saved_values.append("without " + " ".join(left_out))
+    planned = [old for name, old, _ in differing if name == "epochs"]
+    # e.g. a cosine reaches lr 0 at the planned end: more epochs would train at lr 0
+    why = f" (its learning-rate schedule was laid out over {planned[0]} epochs and ends there)" if planned else ""
     raise CheckpointError(
         f"checkpoint {path!r} was saved by a run with other settings: {listed}; --resume carries that run "
         f"on with its optimizer, learning-rate schedule and data order{why}: rerun with the saved values "
@@ -214,9 +215,9 @@ def load_data(config, info):
     if config.subset:
         x_train, y_train = subset(x_train, y_train, min(config.subset, len(y_train)), seed=config.seed)
         x_test, y_test = subset(x_test, y_test, min(config.subset, len(y_test)), seed=config.seed)
-    augment = config.dataset == "cifar10" if config.augment is None else config.augment
     train_loader = DataLoader(x_train, y_train, config.batch_size, shuffle=True, seed=config.seed,
-                              augment=augment, flip=info.hflip, mean=info.mean, std=info.std)
+                              augment=augment_used(config.augment, config.dataset), flip=info.hflip,
+                              mean=info.mean, std=info.std)
     test_loader = DataLoader(x_test, y_test, config.eval_batch_size, mean=info.mean, std=info.std)
     return train_loader, test_loader
 
@@ -352,8 +353,8 @@ def train(config, resume=None, log=print):
     model_config = config.model_config(info)
     if resume:  # check the checkpoint before the (slow) data loading
         model_state, optim_state, meta = load_checkpoint(resume)
-        check_model_config(resume, meta, model_config)
-        check_resume_config(resume, meta, config)
+        check_resume_config(resume, meta, config)  # names each changed flag (--model, --dataset, ...)
+        check_model_config(resume, meta, model_config)  # and the model itself, as a backstop
     train_loader, test_loader = load_data(config, info)
     model = build_model(model_config["name"], **{k: v for k, v in model_config.items() if k != "name"})
     loss_fn = CrossEntropyLoss()
