@@ -10,11 +10,11 @@ import numpy
 import pytest
 
 try:
-    from minires import backend
+    import minires
 except ModuleNotFoundError as err:  # no minires importable at all: pytest_configure explains
     if err.name != "minires":
         raise
-    backend = None
+    minires = None
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -27,9 +27,9 @@ def pytest_configure(config):
     of the course kit that is the course's reference code, and every test of a
     stubbed part would pass. A UsageError prints one clear message, no traceback.
     """
-    imported = Path(backend.__file__).resolve().parent if backend else None
+    imported = Path(minires.__file__).resolve().parent if minires else None
     here = (REPO / "minires").resolve()
-    if imported != here:
+    if imported != here:  # (checked before importing anything from it: another minires may lack it)
         problem = (f"import minires from {imported}, not {here}: they would test that code"
                    if imported else f"cannot import minires ({REPO} is not on sys.path)")
         raise pytest.UsageError(
@@ -42,6 +42,7 @@ BACKENDS = ["numpy", pytest.param("cupy", marks=pytest.mark.gpu)]
 
 @pytest.fixture(params=BACKENDS)
 def xp(request):
+    from minires import backend  # here, not at the top: pytest_configure checks which minires first
     if request.param == "cupy" and not backend.cupy_available():
         pytest.skip("CuPy with a GPU is not available")
     previous = backend.backend_name()
