@@ -31,9 +31,9 @@ def main():
     dout = numpy.random.default_rng(1).standard_normal(out.shape).astype(numpy.float32)
     dx = block.backward(backend.to_device(dout))
     print("\nbackward: every gradient, with its norm")
-    print(f"  d {'input':<26} {str(dx.shape):<20} {float((dx ** 2).sum()) ** 0.5:.3e}")
-    for name, grad in block.named_grads().items():
-        print(f"  d {name:<26} {str(grad.shape):<20} {float((grad ** 2).sum()) ** 0.5:.3e}")
+    for name, grad in {"input": dx, **block.named_grads()}.items():
+        norm = numpy.linalg.norm(backend.to_numpy(grad).astype(numpy.float64))  # summed in float64
+        print(f"  d {name:<26} {str(grad.shape):<20} {norm:.3e}")
     print("  (the conv biases' gradients are rounding noise: BatchNorm subtracts the\n"
           "   channel mean, bias included, so the true gradient of those biases is 0)")
 
