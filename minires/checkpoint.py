@@ -104,10 +104,16 @@ def load_checkpoint(path):
     return model_state, optim_state, meta
 
 
-def check_model_config(path, meta, config):
-    """Raise CheckpointError if the checkpoint was made for another architecture."""
+def saved_model_config(path, meta):
+    """The model config a checkpoint's metadata records ({"name": ..., keyword arguments}); CheckpointError if none."""
     saved = meta.get("model")
     if not isinstance(saved, dict) or "name" not in saved:
         raise CheckpointError(f"checkpoint {path!r} does not say which model it holds")
+    return saved
+
+
+def check_model_config(path, meta, config):
+    """Raise CheckpointError if the checkpoint was made for another architecture."""
+    saved = saved_model_config(path, meta)
     if saved != config:
         raise CheckpointError(f"checkpoint {path!r} is for model {saved}, not {config}")

@@ -26,7 +26,7 @@ from dataclasses import asdict, dataclass, fields
 import numpy
 
 from . import backend
-from .checkpoint import CheckpointError, check_model_config, load_checkpoint, save_checkpoint
+from .checkpoint import CheckpointError, check_model_config, load_checkpoint, save_checkpoint, saved_model_config
 from .data import DATASETS, DataLoader, load_dataset, subset
 from .functional import cuda
 from .models import ResNet, build_model
@@ -407,9 +407,7 @@ def _write_json(path, data):
 def load_model(checkpoint):
     """Rebuild the model saved in ``checkpoint``; returns (model, meta)."""
     model_state, _, meta = load_checkpoint(checkpoint)
-    config = meta.get("model")
-    if not isinstance(config, dict) or "name" not in config:
-        raise CheckpointError(f"checkpoint {checkpoint!r} does not say which model it holds")
+    config = saved_model_config(checkpoint, meta)
     kwargs = {k: v for k, v in config.items() if k != "name"}
     try:
         model = build_model(config["name"], **kwargs)
