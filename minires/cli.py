@@ -68,15 +68,16 @@ def add_train(sub):
     p.add_argument("--epochs", type=_non_negative_int, default=d.epochs,
                    help="passes over the training set" + DEFAULT)
     p.add_argument("--batch-size", type=_positive_int, default=d.batch_size, help="images per step" + DEFAULT)
-    by_recipe = "; with --recipe, the recipe's)"
-    p.add_argument("--lr", type=_positive_float, help=f"initial learning rate (default: {d.lr}" + by_recipe)
-    p.add_argument("--momentum", type=float, help=f"SGD momentum (default: {d.momentum}" + by_recipe)
-    p.add_argument("--weight-decay", type=float, help=f"L2 weight decay (default: {d.weight_decay}" + by_recipe)
+    def or_recipe(default):  # the help's ending for a flag that --recipe sets
+        return f" (default: {default}; with --recipe, the recipe's)"
+
+    p.add_argument("--lr", type=_positive_float, help="initial learning rate" + or_recipe(d.lr))
+    p.add_argument("--momentum", type=float, help="SGD momentum" + or_recipe(d.momentum))
+    p.add_argument("--weight-decay", type=float, help="L2 weight decay" + or_recipe(d.weight_decay))
     p.add_argument("--nesterov", action="store_true", help="Nesterov momentum (default: off)")
     p.add_argument("--optimizer", default=d.optimizer, choices=["sgd", "adam", "adamw"], help="optimizer" + DEFAULT)
     p.add_argument("--schedule", choices=SCHEDULES,
-                   help=f"learning-rate schedule over the whole run, stepped every iteration (default: {d.schedule}"
-                        + by_recipe)
+                   help="learning-rate schedule over the whole run, stepped every iteration" + or_recipe(d.schedule))
     p.add_argument("--recipe", choices=sorted(RECIPES),
                    help="he2016-cifar: SGD lr 0.1, momentum 0.9, weight decay 1e-4, lr /10 at 1/2 and 3/4 "
                         "of the run (He et al. 2016, sec. 4.2: 32k and 48k of 64k iterations), pad-and-crop + flip; "
