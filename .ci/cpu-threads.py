@@ -4,7 +4,7 @@
     PYTHONPATH=. python .ci/cpu-threads.py [--model resnet20] [--steps 12]
 
 Every parallel part of the fast paths goes through
-``minires.parallel.map_chunks``. This script wraps it (in the modules that
+``minires.kernels.parallel.map_chunks``. This script wraps it (in the modules that
 call it) and reports, per training step: the number of calls and chunks, the
 wall time spent inside the calls, the sum of the threads' busy time in them
 (so ``busy / (threads * wall)`` is how much of the cores the chunks use; the

@@ -32,8 +32,7 @@ import math
 
 import numpy
 
-from . import backend
-from .functional import cuda
+from . import backend, ops
 
 
 # ---------------------------------------------------------------------------
@@ -78,6 +77,11 @@ class Optimizer:
                     f"gradient of {name!r} has shape {tuple(grads[name].shape)}, "
                     f"expected the parameter's shape {tuple(p.shape)}"
                 )
+            if grads[name].dtype != p.dtype:
+                raise ValueError(
+                    f"gradient of {name!r} has dtype {grads[name].dtype}, expected the "
+                    f"parameter's dtype {p.dtype} (cast the model with model.astype(...))"
+                )
         # A NumPy float64 scalar (e.g. set by a user) would turn float32 updates
         # into float64 temporaries; a Python float never does.
         self.lr = float(self.lr)
@@ -93,7 +97,7 @@ class Optimizer:
         """Hook for per-step scalars (Adam's bias corrections)."""
 
     def _update_all(self, params, grads):
-        """Hook: update every parameter at once (one GPU launch); False to go one by one."""
+        """Hook: update every parameter at once (SGD's op does); False to go one by one."""
         return False
 
     def _update(self, name, p, g, xp):
@@ -210,44 +214,15 @@ class SGD(Optimizer):
         super().__init__(model, lr)
 
     def _update_all(self, params, grads):
-        """On a GPU with momentum: all parameters in one kernel launch (not one each)."""
-        buffers = self.state["momentum_buffer"] if self.momentum else None
-        if buffers is None or (buffers and buffers.keys() != params.keys()) \
-                or not cuda.fits_one_launch(params.values()) \
-                or len({id(p) for p in params.values()}) != len(params):
-            return False  # (one by one: CPU, no momentum, a partial state, mixed dtypes, a shared array)
-        xp = backend.get_array_module(*params.values())
-        first = not buffers
-        new = {name: xp.empty_like(p) for name, p in params.items()} if first else buffers
+        """All parameters in one call of the sgd_step op (minires/functional/optim.py)."""
         names = list(params)
-        cuda.sgd_momentum_step_many([params[n] for n in names], [grads[n] for n in names],
-                                    [new[n] for n in names], self.lr, self.momentum,
-                                    self.weight_decay, self.nesterov, first)
-        self.state["momentum_buffer"] = new  # (only once they hold velocities)
-        return True
-
-    def _update(self, name, p, g, xp):
-        if xp is not numpy and self.momentum:  # a GPU: the same update in one kernel launch
-            buf = self.state["momentum_buffer"].get(name)
-            first = buf is None
-            if first:
-                buf = xp.empty_like(p)  # the kernel sets it to g
-            cuda.sgd_momentum_step(p, g, buf, self.lr, self.momentum, self.weight_decay,
-                                   self.nesterov, first)
-            self.state["momentum_buffer"][name] = buf  # (only once it holds a velocity)
-            return
-        if self.weight_decay:
-            g = g + self.weight_decay * p  # a new array: the model's grad stays untouched
+        buffers = self.state["momentum_buffer"] if self.momentum else {}
+        old = [buffers.get(n) for n in names] if buffers else None
+        new = ops.sgd_step([params[n] for n in names], [grads[n] for n in names], old,
+                           self.lr, self.momentum, self.weight_decay, self.nesterov)
         if self.momentum:
-            buffers = self.state["momentum_buffer"]
-            buf = buffers.get(name)
-            if buf is None:  # first step: the velocity starts as the gradient itself
-                buf = buffers[name] = g.copy()
-            else:
-                buf *= self.momentum
-                buf += g
-            g = g + self.momentum * buf if self.nesterov else buf
-        p -= self.lr * g
+            self.state["momentum_buffer"] = dict(zip(names, new))
+        return True
 
     def load_state_dict(self, state):
         # the set of state arrays depends on the saved momentum, so set it first

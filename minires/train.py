@@ -25,10 +25,9 @@ from dataclasses import asdict, dataclass, fields
 
 import numpy
 
-from . import backend
+from . import backend, ops
 from .checkpoint import CheckpointError, check_model_config, load_checkpoint, save_checkpoint, saved_model_config
 from .data import DATASETS, DataLoader, load_dataset, subset
-from .functional import cuda
 from .models import ResNet, build_model
 from .nn import CrossEntropyLoss
 from .optim import SGD, Adam, AdamW, CosineLR, LinearWarmup, MultiStepLR, he2016_cifar
@@ -249,24 +248,16 @@ def first_nonfinite_layer(model, x):
 def first_nonfinite_grad(model):
     """Name of the first parameter (from the input side) with a NaN/inf gradient, or None.
 
-    Checked once per step, so first cheaply: on a GPU one kernel checks all
-    the gradients and its flag comes back in one transfer (one sync per step,
-    not one per parameter); on the CPU a NaN or inf anywhere in a gradient
-    makes its sum NaN or inf. Only then the exact per-array scan.
+    Checked once per step: first all gradients at once (the all_finite op,
+    cheap), and only if that fails one by one.
     """
     grads = model.named_grads()
-    if not grads:
-        return None
-    xp = backend.get_array_module(*grads.values())
-    if cuda.fits_one_launch(grads.values()):
-        if not int(cuda.flag_nonfinite_many(grads.values())[0]):
-            return None
-    elif bool(xp.isfinite(xp.stack([g.sum() for g in grads.values()])).all()):
+    if ops.all_finite(list(grads.values())):
         return None
     for name, g in grads.items():
-        if not bool(xp.isfinite(g).all()):
+        if not ops.all_finite([g]):
             return name
-    return None  # only a sum overflowed: the gradients themselves are finite
+    return None
 
 
 def evaluate(model, loader, loss_fn=None):

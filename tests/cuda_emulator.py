@@ -1,6 +1,6 @@
 """Run CUDA kernel sources on the CPU: g++ plus a small prelude, called through ctypes.
 
-The kernels of ``minires/functional/cuda.py`` use only ``threadIdx``,
+The kernels of ``minires/kernels/cuda.py`` use only ``threadIdx``,
 ``blockIdx``, ``blockDim``, ``gridDim``, ``__shared__`` arrays and
 ``__syncthreads()``. The prelude defines those as plain C++, so the *same*
 source string that CuPy compiles builds here as a shared library:

@@ -210,7 +210,7 @@ def test_plausible_wrong_answers_fail_with_a_useful_hint(tmp_path):
     ref = reference_bodies()
     wrong = {
         # ReLU mask from >= 0 on the output: true everywhere, so nothing is blocked
-        "relu_backward": edited(ref["relu_backward"], "xp.greater(", "xp.greater_equal("),
+        "relu_backward": edited(ref["relu_backward"], "(out > 0)", "(out >= 0)"),
         # dw transposed: (D, M) instead of (M, D)
         "linear_backward": edited(ref["linear_backward"], "dout.T @ x", "x.T @ dout"),
         # the eval-mode formula used in training mode too
@@ -223,8 +223,8 @@ def test_plausible_wrong_answers_fail_with_a_useful_hint(tmp_path):
         # padding not cropped off dx
         "maxpool2d_backward": edited(ref["maxpool2d_backward"], "_crop(dx_pad, padding, x_shape)", "dx_pad"),
         # dw averaged over the batch instead of summed
-        "conv2d_backward": edited(ref["conv2d_backward"], "dw_mat.reshape(w.shape)",
-                                  "dw_mat.reshape(w.shape) / N"),
+        "conv2d_backward": edited(ref["conv2d_backward"], ".T.reshape(w.shape)",
+                                  ".T.reshape(w.shape) / dout.shape[0]"),
         # forgot the shortcut's gradient
         "residual_block_backward": edited(ref["residual_block_backward"],
                                           "return d_branch + d_shortcut", "return d_branch"),

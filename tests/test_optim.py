@@ -417,8 +417,8 @@ def test_cupy_matches_numpy(name):
 
 @pytest.mark.gpu
 def test_cupy_sgd_step_that_fails_leaves_no_velocity():
-    """The GPU kernel path refuses a float32 gradient for a float64 parameter; the
-    momentum buffer it would have filled must not be kept (a later step would read garbage)."""
+    """A float32 gradient for a float64 parameter is refused before anything changes:
+    no momentum buffer is kept (a later step would read garbage)."""
     from minires import backend
     if not backend.cupy_available():
         pytest.skip("needs CuPy and a GPU")
@@ -429,7 +429,7 @@ def test_cupy_sgd_step_that_fails_leaves_no_velocity():
         module.params = {k: cupy.asarray(v) for k, v in module.params.items()}
         module.grads = {k: cupy.asarray(v).astype(np.float32) for k, v in module.grads.items()}
     opt = optim.SGD(model, lr=0.1, momentum=0.9)
-    with pytest.raises(ValueError, match="one dtype"):
+    with pytest.raises(ValueError, match="has dtype float32, expected the parameter's dtype float64"):
         opt.step()
     assert opt.state["momentum_buffer"] == {}
 

@@ -1,4 +1,4 @@
-"""minires.parallel: chunks of NumPy work on all cores, per-thread scratch arrays.
+"""minires.kernels.parallel (the engine): chunks of NumPy work on all cores, per-thread scratch arrays.
 
 The promise that matters most: results do not depend on the number of
 threads, bit for bit (each chunk writes its own slice; partial sums are added
@@ -10,9 +10,10 @@ import time
 import numpy
 import pytest
 
-from minires import parallel
-from minires.functional import batchnorm, conv
-from minires.functional.activation import relu_backward, relu_forward
+from minires.kernels import batchnorm, conv, parallel
+from minires.kernels.activation import relu_backward, relu_forward
+
+pytestmark = pytest.mark.engine  # tests of the engine's internals, not of the math
 
 
 @pytest.fixture

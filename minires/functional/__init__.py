@@ -1,8 +1,11 @@
-"""Pure ops: each ``*_forward(...) -> (out, cache)`` and ``*_backward(dout, cache) -> grads``.
+"""The textbook: every op, forward and backward, as plain vectorized code.
 
-One file per family. Where the fast path is not already the formula itself
-(convolution, BatchNorm, pooling, the loss, Linear's forward), a loop-based
-``*_naive`` reference reads like the math and is tested equal to it.
+Each ``*_forward(...) -> (out, cache)`` and ``*_backward(dout, cache) -> grads``,
+written once against the array module ``xp`` (NumPy or CuPy), with the math
+in its module's docstring and the derivation in docs/backward/. One file per
+family; where the vectorized code is not the formula itself (convolution,
+BatchNorm, pooling, the loss, Linear's forward), a loop-based ``*_naive``
+reference beside it reads like the math and is tested equal to it.
 """
 from .activation import relu_backward, relu_forward
 from .batchnorm import (
@@ -37,4 +40,5 @@ from .pooling import (
     maxpool2d_forward,
     maxpool2d_forward_naive,
 )
+from .optim import all_finite, sgd_step, zero_grads
 from .residual import add_backward, add_forward

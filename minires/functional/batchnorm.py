@@ -19,19 +19,16 @@ Backward (training), closed form, with dbeta = sum dout and dgamma = sum dout*x_
     dx = gamma * inv_std / M * (M * dout - dbeta - x_hat * dgamma)
 
 The two sums are how the gradient reaches x through mean and var: every x of a
-channel influences every output of that channel.
-"""
-import numpy
+channel influences every output of that channel. In eval mode mean and var
+are constants, so BN is a per-channel affine map: dx = gamma * inv_std * dout.
 
+``batchnorm2d_forward_naive`` / ``batchnorm2d_backward_naive`` below go one
+channel at a time and through the graph node by node; they are the reference
+the closed form is tested against.
+"""
 from ..backend import get_array_module
-from ..parallel import chunks_of, map_chunks
 
 _AXES = (0, 2, 3)  # reduce over batch and space, keep channels
-
-#: Bytes of x (not of columns, as in conv.py) per chunk of the fast path
-#: (NumPy): small enough that a chunk is still in the core's cache for the
-#: next operation on it. Measured on 2 cores: 0.5-1 MiB best.
-CHUNK_BYTES = 1 << 20
 
 
 def _per_channel(v):
@@ -39,59 +36,22 @@ def _per_channel(v):
     return v.reshape(1, -1, 1, 1)
 
 
-def _check(x, gamma):
+def check_batchnorm(x, gamma, training):
+    """Raise a ValueError unless x is (N, C, H, W) with gamma's C channels, and
+    (in training) holds more than one value per channel."""
     if x.ndim != 4 or gamma.ndim != 1 or x.shape[1] != gamma.shape[0]:
         raise ValueError(
             f"batchnorm2d: expected x of shape (N, {gamma.shape[0]}, H, W) for "
             f"gamma of shape {tuple(gamma.shape)}, got x of shape {tuple(x.shape)}"
         )
+    if training and x.size // x.shape[1] < 2:
+        raise ValueError(
+            f"batchnorm2d: training needs more than one value per channel, got x of shape {tuple(x.shape)}"
+        )
 
 
-def _channels_view(a):
-    """(N, C, H, W) -> (N, C, H*W), a view when ``a`` is C-contiguous.
-
-    Per-channel sums over this view run along contiguous rows of H*W values
-    (then over N), which is about twice as fast as ``sum(axis=(0, 2, 3))``.
-    """
-    return a.reshape(a.shape[0], a.shape[1], -1)
-
-
-def _channel_sum(a3, b3=None):
-    """sum over N and L of a3 (or of a3 * b3, without materializing the product)
-    for (N, C, L) arrays -> (C,), in their dtype.
-
-    einsum sums each contiguous row of L values (no temporary array, about 2x
-    faster than ``.sum``, 3x for the product); the N row sums are then added
-    pairwise by ``.sum``, so float32 accumulates over at most L values at a time.
-    """
-    xp = get_array_module(a3)
-    rows = xp.einsum("ncl->nc", a3) if b3 is None else xp.einsum("ncl,ncl->nc", a3, b3)
-    return rows.sum(axis=0)
-
-
-def _rows(v, x3):
-    """(C,) -> the operand that applies v[c] to channel c of (n, C, L) chunks of x3.
-
-    A (C, L) block, v[c] repeated along row c: same numbers as the column
-    ``v[:, None]``, faster, because NumPy runs a (C, 1) column against a
-    (n, C, L) chunk 1.2-1.8x slower than two contiguous operands (measured for
-    ResNet-20's shapes), while the block broadcasts along n only, so every
-    inner loop reads two contiguous rows. Building it costs one image's worth
-    of work, so a batch of fewer than 4 images gets the column.
-    """
-    if x3.shape[0] < 4:
-        return v[:, None]
-    xp = get_array_module(v)
-    return xp.repeat(v[:, None], x3.shape[2], axis=1)
-
-
-def _chunks(xp, x3):
-    """Slices of the batch for the fast path: at most CHUNK_BYTES of x each."""
-    return chunks_of(xp, x3, CHUNK_BYTES)
-
-
-def _update_running(running_mean, running_var, mean, var, momentum, m):
-    """running <- (1 - momentum) running + momentum batch, in place; var unbiased (PyTorch)."""
+def update_running_stats(running_mean, running_var, mean, var, momentum, m):
+    """running <- (1 - momentum) running + momentum batch, in place; var made unbiased (PyTorch)."""
     running_mean *= 1 - momentum
     running_mean += momentum * mean
     running_var *= 1 - momentum
@@ -103,105 +63,36 @@ def batchnorm2d_forward(x, gamma, beta, running_mean, running_var,
     """Normalize x (N, C, H, W) per channel; returns (out, cache).
 
     In training mode ``running_mean`` / ``running_var`` (C,) are updated in
-    place, and so is ``num_batches_tracked`` if given (a 0-d integer array, +1;
-    the module's count, which on a GPU rides along in a kernel launch).
+    place, and so is ``num_batches_tracked`` if given (a 0-d integer array, +1).
     The cache is ``(x_hat, gamma, inv_std, training)``, x_hat shaped like x.
-
-    Same numbers as :func:`batchnorm2d_forward_naive`, organised for speed:
-    three passes over x, each over chunks of the batch on all CPU cores
-    (:func:`minires.parallel.map_chunks`) -- the mean; x - mean and its sum
-    of squares while the chunk is in cache; normalize and scale. Reductions
-    run over the contiguous (N, C, H*W) view; two full-size arrays are
-    allocated (x_hat and out). Python-float scalars keep float32 float32.
     """
     xp = get_array_module(x, gamma, beta, running_mean, running_var)
-    _check(x, gamma)
-    x3 = _channels_view(x)
-    m = x3.shape[0] * x3.shape[2]  # values per channel
-    if training and m < 2:
-        raise ValueError(
-            f"batchnorm2d: training needs more than one value per channel, got x of shape {tuple(x.shape)}"
-        )
-    if xp is not numpy:  # a GPU: two kernel launches (functional/cuda.py)
-        from . import cuda
-        if training:  # mean, inv_std, the running-stat update of _update_running, the count
-            mean, inv_std = cuda.batchnorm_train_stats(x, running_mean, running_var, eps, momentum,
-                                                       num_batches_tracked)
-        else:
-            mean, inv_std = running_mean, cuda.batchnorm_eval_inv_std(running_var, eps)
-        x_hat, out = cuda.batchnorm_normalize(x, mean, inv_std, gamma, beta)
-        return out, (x_hat, gamma, inv_std, training)
-
-    chunks = _chunks(xp, x3)
+    check_batchnorm(x, gamma, training)
     if training:
-        mean = sum(map_chunks(lambda c: _channel_sum(x3[c]), chunks)) / m
-    else:
-        mean = running_mean
-    x_hat = xp.empty_like(x3)
-    mean_rows = _rows(mean, x3)
-
-    def center(c):  # x_hat = x - mean, and its sum of squares while in cache
-        xp.subtract(x3[c], mean_rows, out=x_hat[c])
-        return _channel_sum(x_hat[c], x_hat[c]) if training else None
-
-    squares = map_chunks(center, chunks)
-    if training:
-        var = sum(squares) / m                     # biased
-        _update_running(running_mean, running_var, mean, var, momentum, m)
+        mean = x.mean(axis=_AXES)
+        var = x.var(axis=_AXES)  # biased: (1/M) sum (x - mean)^2
+        update_running_stats(running_mean, running_var, mean, var, momentum, x.size // x.shape[1])
         if num_batches_tracked is not None:
-            num_batches_tracked[...] += 1  # in place: the caller's array (a 0-d array)
+            num_batches_tracked[...] += 1  # in place: the caller's 0-d array
     else:
-        var = running_var
+        mean, var = running_mean, running_var
     inv_std = 1 / xp.sqrt(var + eps)
-    out = xp.empty_like(x3)
-    inv_std_rows, gamma_rows, beta_rows = (_rows(v, x3) for v in (inv_std, gamma, beta))
-
-    def normalize(c):  # x_hat *= inv_std (in place); out = gamma * x_hat + beta
-        x_hat[c] *= inv_std_rows
-        xp.multiply(x_hat[c], gamma_rows, out=out[c])
-        out[c] += beta_rows
-
-    map_chunks(normalize, chunks)
-    return out.reshape(x.shape), (x_hat.reshape(x.shape), gamma, inv_std, training)
+    x_hat = (x - _per_channel(mean)) * _per_channel(inv_std)
+    out = _per_channel(gamma) * x_hat + _per_channel(beta)
+    return out, (x_hat, gamma, inv_std, training)
 
 
 def batchnorm2d_backward(dout, cache):
-    """Closed-form backward; returns (dx, dgamma, dbeta).
-
-    Training: dx = gamma * inv_std * (dout - dbeta / M - x_hat * dgamma / M),
-    the closed form of the module docstring with the 1/M moved inside.
-    Two passes over chunks of the batch on all CPU cores: the two sums, then
-    dx. One full-size array is allocated (dx); dout and x_hat are only read.
-    On a GPU, two kernel launches (functional/cuda.py).
-    """
+    """Closed-form backward; returns (dx, dgamma, dbeta)."""
     # BEGIN ASSIGNMENT batchnorm2d_backward
     x_hat, gamma, inv_std, training = cache
-    xp = get_array_module(dout, x_hat)
-    if xp is not numpy:
-        from .cuda import batchnorm_backward as batchnorm_backward_kernel
-        return batchnorm_backward_kernel(dout, x_hat, gamma, inv_std, training)
-    dout3, x_hat3 = _channels_view(dout), _channels_view(x_hat)  # (N, C, H*W)
-    chunks = _chunks(xp, dout3)
-    sums = map_chunks(lambda c: (_channel_sum(dout3[c]), _channel_sum(dout3[c], x_hat3[c])), chunks)
-    dbeta = sum(s[0] for s in sums)                      # sum of dout
-    dgamma = sum(s[1] for s in sums)                     # sum of dout * x_hat
-    m = dout3.shape[0] * dout3.shape[2]
-    scale, dgamma_m, dbeta_m = (_rows(v, dout3) for v in (gamma * inv_std, dgamma / m, dbeta / m))
-    dx = xp.empty_like(dout3)
-
-    def dx_chunk(c):  # dx = scale * (dout - dbeta / M - x_hat * dgamma / M)
-        d = dx[c]
-        if not training:
-            # Eval mode: mean and var are constants, so BN is an affine map.
-            xp.multiply(dout3[c], scale, out=d)
-            return
-        xp.multiply(x_hat3[c], dgamma_m, out=d)
-        xp.subtract(dout3[c], d, out=d)
-        d -= dbeta_m
-        d *= scale
-
-    map_chunks(dx_chunk, chunks)
-    return dx.reshape(dout.shape), dgamma, dbeta
+    dbeta = dout.sum(axis=_AXES)
+    dgamma = (dout * x_hat).sum(axis=_AXES)
+    if not training:  # mean and var are constants: an affine map
+        return dout * _per_channel(gamma * inv_std), dgamma, dbeta
+    m = dout.size // dout.shape[1]
+    dx = _per_channel(gamma * inv_std / m) * (m * dout - _per_channel(dbeta) - x_hat * _per_channel(dgamma))
+    return dx, dgamma, dbeta
     # END ASSIGNMENT batchnorm2d_backward
 
 
@@ -209,7 +100,7 @@ def batchnorm2d_forward_naive(x, gamma, beta, running_mean, running_var,
                               momentum=0.1, eps=1e-5, training=True):
     """Reference forward: one channel at a time, each step of the formula spelled out."""
     xp = get_array_module(x, gamma)
-    _check(x, gamma)
+    check_batchnorm(x, gamma, training)
     out = xp.empty_like(x)
     x_hat = xp.empty_like(x)
     inv_std = xp.empty_like(gamma)

@@ -10,9 +10,8 @@ With an identity shortcut the second term is the upstream gradient itself, so
 it reaches earlier layers without passing through any weight
 (docs/backward/residual.md).
 """
-from .. import nn
+from .. import nn, ops
 from ..backend import get_array_module
-from ..functional.residual import add_backward, add_forward
 
 
 class ShortcutA(nn.Module):
@@ -65,13 +64,13 @@ class ResidualBlock(nn.Module):
         for layer in self.branch:
             out = layer(out)
         shortcut = x if self.downsample is None else self.downsample(x)
-        out, _ = add_forward(out, shortcut)
+        out, _ = ops.add_forward(out, shortcut)
         return self.relu(out)
 
     def backward(self, dout):
         # BEGIN ASSIGNMENT residual_block_backward
         d = self.relu.backward(dout)
-        d_branch, d_shortcut = add_backward(d)  # the addition copies d to both inputs
+        d_branch, d_shortcut = ops.add_backward(d)  # the addition copies d to both inputs
         for layer in reversed(self.branch):
             d_branch = layer.backward(d_branch)
         if self.downsample is not None:

@@ -1,5 +1,5 @@
-"""ReLU module: wraps minires.functional.activation."""
-from ..functional.activation import relu_backward, relu_forward
+"""ReLU module: the relu op through the seam (minires/ops.py); math in minires/functional/activation.py."""
+from .. import ops
 from .module import Module
 
 
@@ -8,10 +8,10 @@ class ReLU(Module):
 
     def forward(self, x):
         self.check_input(x, (None,) * getattr(x, "ndim", 0))  # any shape; an array of floats
-        out, self.cache = relu_forward(x)
+        out, self.cache = ops.relu_forward(x)
         return out
 
     def backward(self, dout):
         out = self.pop_cache()
         self.check_dout(dout, out.shape)  # a smaller dout would broadcast silently
-        return relu_backward(dout, out)
+        return ops.relu_backward(dout, out)

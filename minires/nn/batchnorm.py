@@ -1,8 +1,8 @@
-"""BatchNorm2d module: wraps minires.functional.batchnorm (math in docs/backward/batchnorm.md)."""
+"""BatchNorm2d module: the batchnorm2d op through the seam (minires/ops.py); math in minires/functional/batchnorm.py."""
 import numpy
 
-from .. import backend
-from ..functional.batchnorm import batchnorm2d_backward, batchnorm2d_forward
+from .. import backend, ops
+from .. import ops
 from . import init
 from .module import Module, check_sizes
 
@@ -29,7 +29,7 @@ class BatchNorm2d(Module):
     def forward(self, x):
         gamma = self.params["weight"]
         self.check_input(x, (None, self.num_features, None, None), gamma.dtype)
-        out, self.cache = batchnorm2d_forward(
+        out, self.cache = ops.batchnorm2d_forward(
             x, gamma, self.params["bias"], self.buffers["running_mean"], self.buffers["running_var"],
             self.momentum, self.eps, self.training, self.buffers["num_batches_tracked"])
         return out
@@ -37,7 +37,7 @@ class BatchNorm2d(Module):
     def backward(self, dout):
         cache = self.pop_cache()
         self.check_dout(dout, cache[0].shape)  # cache[0] is x_hat, shaped like the output
-        dx, dgamma, dbeta = batchnorm2d_backward(dout, cache)
+        dx, dgamma, dbeta = ops.batchnorm2d_backward(dout, cache)
         self.grads["weight"] += dgamma
         self.grads["bias"] += dbeta
         return dx

@@ -1,7 +1,7 @@
-"""Conv2d module: wraps minires.functional.conv (math in docs/backward/conv2d.md)."""
+"""Conv2d module: the conv2d op through the seam (minires/ops.py); math in minires/functional/conv.py."""
 import math
 
-from ..functional.conv import conv2d_backward, conv2d_forward
+from .. import ops
 from . import init
 from .module import Module, check_sizes
 
@@ -39,11 +39,11 @@ class Conv2d(Module):
         w = self.params["weight"]
         self.check_input(x, (None, self.in_channels, None, None), w.dtype)
         self.check_window(x, self.kernel_size, self.padding)
-        out, self.cache = conv2d_forward(x, w, self.params.get("bias"), self.stride, self.padding)
+        out, self.cache = ops.conv2d_forward(x, w, self.params.get("bias"), self.stride, self.padding)
         return out
 
     def backward(self, dout):
-        dx, dw, db = conv2d_backward(dout, self.pop_cache(), input_grad=self.input_grad)
+        dx, dw, db = ops.conv2d_backward(dout, self.pop_cache(), input_grad=self.input_grad)
         self.grads["weight"] += dw
         if db is not None:
             self.grads["bias"] += db

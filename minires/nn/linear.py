@@ -1,7 +1,7 @@
-"""Linear and Flatten modules: wrap minires.functional.linear."""
+"""Linear and Flatten modules: their ops through the seam (minires/ops.py); math in minires/functional/linear.py."""
 import math
 
-from ..functional.linear import flatten_backward, flatten_forward, linear_backward, linear_forward
+from .. import ops
 from . import init
 from .module import Module, check_sizes
 
@@ -24,14 +24,14 @@ class Linear(Module):
     def forward(self, x):
         w = self.params["weight"]
         self.check_input(x, (None, self.in_features), w.dtype)
-        out, self.cache = linear_forward(x, w, self.params.get("bias"))
+        out, self.cache = ops.linear_forward(x, w, self.params.get("bias"))
         return out
 
     def backward(self, dout):
         cache = self.pop_cache()
         x, w = cache[0], cache[1]
         self.check_dout(dout, (x.shape[0], w.shape[0]))
-        dx, dw, db = linear_backward(dout, cache)
+        dx, dw, db = ops.linear_backward(dout, cache)
         self.grads["weight"] += dw
         if db is not None:
             self.grads["bias"] += db
@@ -47,11 +47,11 @@ class Flatten(Module):
     def forward(self, x):
         # (N, ...) of any rank >= 2; a bare (N,) has no features to flatten: a bug upstream
         self.check_input(x, (None,) * max(getattr(x, "ndim", 0), 2))
-        out, self.cache = flatten_forward(x)
+        out, self.cache = ops.flatten_forward(x)
         return out
 
     def backward(self, dout):
         x_shape = self.pop_cache()
         # a reshape would accept any dout of the right size, in the wrong order
         self.check_dout(dout, (x_shape[0], math.prod(x_shape[1:])))
-        return flatten_backward(dout, x_shape)
+        return ops.flatten_backward(dout, x_shape)

@@ -1,5 +1,5 @@
-"""CrossEntropyLoss module: wraps minires.functional.loss."""
-from ..functional.loss import softmax_cross_entropy_backward, softmax_cross_entropy_forward
+"""CrossEntropyLoss module: the loss op through the seam (minires/ops.py); math in minires/functional/loss.py."""
+from .. import ops
 from .module import Module
 
 
@@ -17,8 +17,8 @@ class CrossEntropyLoss(Module):
         self.check_input(logits, (None, None))
         if not hasattr(labels, "dtype"):
             raise TypeError(f"{self!r}: expected labels as an integer array, got {type(labels).__name__}")
-        loss, self.cache = softmax_cross_entropy_forward(logits, labels)
+        loss, self.cache = ops.softmax_cross_entropy_forward(logits, labels)
         return float(loss)
 
     def backward(self, dloss=1.0):
-        return softmax_cross_entropy_backward(dloss, self.pop_cache())
+        return ops.softmax_cross_entropy_backward(dloss, self.pop_cache())

@@ -16,8 +16,7 @@ needs) and ``backward(dout) -> dx``.
 """
 import numpy
 
-from .. import backend
-from ..functional import cuda
+from .. import backend, ops
 
 
 def check_sizes(owner, minimum=1, **sizes):
@@ -173,12 +172,8 @@ class Module:
         return sum(int(p.size) for p in self.named_parameters().values())
 
     def zero_grad(self):
-        grads = list(self.named_grads().values())
-        if cuda.fits_one_launch(grads):  # a GPU: one launch for all (one per array costs ~60)
-            cuda.zero_many(grads)
-            return
-        for g in grads:
-            g.fill(0)
+        """Set every gradient to 0 (``backward`` adds into them)."""
+        ops.zero_grads(list(self.named_grads().values()))
 
     def train(self, mode=True):
         for _, module in self.named_modules():

@@ -1,5 +1,5 @@
 """Pooling modules: wrap minires.functional.pooling (math in docs/backward/pooling.md)."""
-from ..functional import pooling as F
+from .. import ops
 from .conv import _pair
 from .module import Module, check_sizes
 
@@ -23,11 +23,11 @@ class _Pool2d(Module):
     def forward(self, x):
         self.check_input(x, (None, None, None, None))
         self.check_window(x, _pair(self.kernel_size), _pair(self.padding))
-        out, self.cache = self.forward_fn(x, self.kernel_size, self.stride, self.padding)
+        out, self.cache = getattr(ops, self.op + "_forward")(x, self.kernel_size, self.stride, self.padding)
         return out
 
     def backward(self, dout):
-        return self.backward_fn(dout, self.pop_cache())
+        return getattr(ops, self.op + "_backward")(dout, self.pop_cache())
 
     def extra_repr(self):
         return f"kernel_size={self.kernel_size}, stride={self.stride}, padding={self.padding}"
@@ -35,14 +35,12 @@ class _Pool2d(Module):
 
 class MaxPool2d(_Pool2d):
     """Max over each window; backward routes the gradient to the arg-max."""
-    forward_fn = staticmethod(F.maxpool2d_forward)
-    backward_fn = staticmethod(F.maxpool2d_backward)
+    op = "maxpool2d"  # ops.maxpool2d_forward / ops.maxpool2d_backward
 
 
 class AvgPool2d(_Pool2d):
     """Mean over each window (padding counted, as PyTorch); backward spreads dout evenly."""
-    forward_fn = staticmethod(F.avgpool2d_forward)
-    backward_fn = staticmethod(F.avgpool2d_backward)
+    op = "avgpool2d"
 
 
 class AdaptiveAvgPool2d(Module):
@@ -56,11 +54,11 @@ class AdaptiveAvgPool2d(Module):
 
     def forward(self, x):
         self.check_input(x, (None, None, None, None))
-        out, self.cache = F.global_avgpool_forward(x)
+        out, self.cache = ops.global_avgpool_forward(x)
         return out
 
     def backward(self, dout):
-        return F.global_avgpool_backward(dout, self.pop_cache())
+        return ops.global_avgpool_backward(dout, self.pop_cache())
 
     def extra_repr(self):
         return "output_size=1"

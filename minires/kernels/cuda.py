@@ -37,7 +37,7 @@ import functools
 import numpy
 
 from ..backend import get_array_module
-from .conv import _pair
+from ..functional.conv import _pair
 
 #: Threads per block of the element-wise kernels.
 THREADS = 256
