@@ -42,6 +42,8 @@ import time
 
 import numpy
 
+from . import ops
+
 PHASES = ("forward", "loss", "zero_grad", "backward", "optimizer")
 SGD_SETTINGS = {"lr": 0.1, "momentum": 0.9, "weight_decay": 5e-4}
 
@@ -308,7 +310,7 @@ def _run_worker(args, library, layers):
     cmd = [sys.executable, "-m", "minires", "bench", "--worker", library,
            "--model", args.model, "--batch", str(args.batch), "--backend", args.backend,
            "--repeat", str(args.repeat), "--warmup", str(args.warmup),
-           "--input", *map(str, args.input)]
+           "--input", *map(str, args.input), "--kernels", ops.get_kernels()]
     if layers:
         cmd.append("--layers")
     here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -399,7 +401,7 @@ def run_bench(args, print_fn=print):
     rounds = args.rounds or (3 if args.compare else 1)
     shape = "x".join(map(str, args.input))
     coretype = os.environ.get("OPENBLAS_CORETYPE")
-    print_fn(f"bench: {args.model}, batch {args.batch}, input {shape}, float32, backend {args.backend}; "
+    print_fn(f"bench: {args.model}, batch {args.batch}, input {shape}, float32, backend {args.backend}, kernels {ops.get_kernels()}; "
              f"{args.warmup} warm-up + {args.repeat} timed steps per process, {rounds} process(es) per library"
              + (", interleaved with torch" if args.compare else ""))
     print_fn(f"machine: {_cpu_name()}, {os.cpu_count()} CPUs; "
@@ -416,6 +418,7 @@ def run_bench(args, print_fn=print):
         print_fn(line)
 
     result = {"model": args.model, "batch": args.batch, "input_shape": list(args.input), "backend": args.backend,
+              "kernels": ops.get_kernels(),
               "warmup": args.warmup, "repeat": args.repeat, "rounds": rounds,
               "environment": {"OPENBLAS_CORETYPE": coretype, "cpu_count": os.cpu_count(),
                               "python": platform.python_version()},

@@ -232,6 +232,9 @@ def run_gradcheck(args):
 # (e.g. minires/bench.py defines its own add_parser).
 COMMANDS = [add_train, add_summary, add_gradcheck, add_assignment, add_gradflow, add_degradation, add_bench]
 
+#: The commands that run a model and so take ``--kernels`` (see minires/ops.py).
+KERNEL_COMMANDS = ("train", "evaluate", "bench", "gradflow", "degradation")
+
 
 def build_parser():
     parser = argparse.ArgumentParser(
@@ -240,6 +243,11 @@ def build_parser():
     sub = parser.add_subparsers(dest="command", required=True)
     for add in COMMANDS:
         add(sub)
+    for name in KERNEL_COMMANDS:
+        sub.choices[name].add_argument(
+            "--kernels", choices=["fast", "textbook"],
+            help="fast: the engine's ops where it has them (minires/kernels/); textbook: every op from "
+                 "minires/functional/ (default: $MINIRES_KERNELS, else fast)")
     return parser
 
 
@@ -253,10 +261,13 @@ def main(argv=None):
     from .checkpoint import CheckpointError
     from .data import DataError, DownloadError
 
+    from . import ops
+
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        return args.run(args)
+        with ops.kernels(getattr(args, "kernels", None) or ops.get_kernels()):
+            return args.run(args)
     except (UsageError, ValueError, KeyError, FileNotFoundError, CheckpointError, DataError, DownloadError,
             RuntimeError) as err:
         if os.environ.get("MINIRES_DEBUG"):

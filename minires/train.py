@@ -365,7 +365,7 @@ def train(config, resume=None, log=print):
     os.makedirs(config.out, exist_ok=True)
     checkpoint_path = os.path.join(config.out, "checkpoint.npz")
     log(f"training {config.model} ({model.num_parameters():,} parameters) on {config.dataset}: "
-        f"{train_loader.num_samples} train / {len(test_loader.labels)} test images, backend {config.backend}")
+        f"{train_loader.num_samples} train / {len(test_loader.labels)} test images, backend {config.backend}, kernels {ops.get_kernels()}")
     for epoch in range(start_epoch + 1, config.epochs + 1):
         lr, epoch_start = opt.lr, time.perf_counter()
         train_loss, train_acc, images_per_s, batch_losses = train_one_epoch(
@@ -374,7 +374,8 @@ def train(config, resume=None, log=print):
         record = {"epoch": epoch, "train_loss": train_loss, "train_acc": train_acc,
                   "test_loss": test_loss, "test_acc": test_acc, "lr": lr,
                   "seconds": time.perf_counter() - epoch_start,
-                  "images_per_s": images_per_s, "batch_losses": _downsample(batch_losses)}
+                  "images_per_s": images_per_s, "kernels": ops.get_kernels(),
+                  "batch_losses": _downsample(batch_losses)}
         history.append(record)
         log(f"epoch {epoch}/{config.epochs}: train loss {train_loss:.4f} acc {train_acc:.4f} | "
             f"test loss {test_loss:.4f} acc {test_acc:.4f} | {images_per_s:.0f} img/s, {record['seconds']:.0f} s")

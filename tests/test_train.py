@@ -308,6 +308,29 @@ def test_cli_train_and_evaluate(tmp_path, capsys):
     assert result["model"] == "resnet20" and result["test_images"] == 200 and 0 <= result["test_acc"] <= 1
 
 
+@needs_data
+def test_cli_kernels_flag_trains_on_the_textbook_then_restores(tmp_path, capsys):
+    from minires import ops
+
+    out = str(tmp_path / "run")
+    main(["train", "--kernels", "textbook", "--subset", "64", "--epochs", "1", "--batch-size", "32",
+          "--out", out, "--no-progress"])
+    assert "kernels textbook" in capsys.readouterr().out
+    with open(os.path.join(out, "history.json")) as f:
+        assert json.load(f)[0]["kernels"] == "textbook"
+    assert ops.get_kernels() == "fast"  # the flag holds for the command, not after it
+
+
+@pytest.mark.parametrize("command", ["train", "evaluate", "bench", "gradflow", "degradation"])
+def test_cli_kernels_flag_on_every_command_that_runs_a_model(command, capsys):
+    with pytest.raises(SystemExit):
+        main([command, "--help"])
+    assert "--kernels {fast,textbook}" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as exit_info:
+        main([command, "--kernels", "turbo"])
+    assert exit_info.value.code == 2 and "invalid choice: 'turbo'" in capsys.readouterr().err
+
+
 def test_cli_help_shows_the_defaults(capsys):
     """A newcomer sees in ``train --help`` that a bare ``train`` runs the whole dataset."""
     with pytest.raises(SystemExit) as info:
