@@ -155,10 +155,10 @@ def _time_layers(model, loss_fn, x, y, repeat, sync):
     (without the optimizer step; ``step_ms`` is the median of those steps, with
     the timing overhead), and a float32 check of every activation, input gradient and parameter gradient.
 
-    Each leaf's ``forward``/``backward`` is shadowed by an instance attribute
-    that synchronizes, times and calls the class method; the attributes are
-    removed afterwards. Time spent outside the leaves (the residual adds and
-    the gradient sums of the blocks) shows up as the gap to the step's phases.
+    A hook (``Module.hooks``) around each leaf's forward and backward
+    synchronizes, times and checks it. Time spent outside the leaves (the
+    residual adds and the gradient sums of the blocks) shows up as the gap to
+    the step's phases.
     """
     leaves = [(name, m) for name, m in model.named_modules() if not m.named_children()]
     seconds = {name: {"forward": [], "backward": []} for name, _ in leaves}
@@ -170,11 +170,11 @@ def _time_layers(model, loss_fn, x, y, repeat, sync):
         if a.dtype != numpy.float32:
             not_float32.append(f"{name} {what}: {a.dtype}")
 
-    def wrap(name, method, kind):
-        def timed(arg):
+    def timed(kind):
+        def hook(name, m, call, arg):
             sync()
             t0 = time.perf_counter()
-            result = method(arg)
+            result = call(arg)
             sync()
             seconds[name][kind].append(time.perf_counter() - t0)
             if kind == "forward":
@@ -182,13 +182,10 @@ def _time_layers(model, loss_fn, x, y, repeat, sync):
             if result is not None:  # (None: the first conv's dx, not computed)
                 check("output" if kind == "forward" else "dx", name, result)
             return result
-        return timed
+        return hook
 
-    for name, m in leaves:
-        m.forward = wrap(name, m.forward, "forward")      # instance attributes shadow the methods
-        m.backward = wrap(name, m.backward, "backward")
     steps = []
-    try:
+    with model.hooks(forward=timed("forward"), backward=timed("backward"), modules=leaves):
         for _ in range(max(repeat, 1)):
             t0 = time.perf_counter()
             logits = model(x)
@@ -199,10 +196,6 @@ def _time_layers(model, loss_fn, x, y, repeat, sync):
             steps.append(time.perf_counter() - t0)
         for name, g in model.named_grads().items():
             check("grad", name, g)
-    finally:
-        for _, m in leaves:
-            vars(m).pop("forward", None)
-            vars(m).pop("backward", None)
     rows = [{"layer": name, "type": type(m).__name__, "output_shape": shapes.get(name),
              "forward_ms": 1000 * statistics.median(seconds[name]["forward"]),
              "backward_ms": 1000 * statistics.median(seconds[name]["backward"])}

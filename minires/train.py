@@ -227,20 +227,19 @@ def first_nonfinite_layer(model, x):
     xp = backend.get_array_module(x)
     if not bool(xp.isfinite(x).all()):
         return "the input batch"
-    leaves = [(name, m) for name, m in model.named_modules() if not m.named_children()]
     found = []
-    for name, m in leaves:
-        def checking_forward(inp, _name=name, _forward=m.forward):
-            out = _forward(inp)
-            if not found and not bool(xp.isfinite(out).all()):
-                found.append(_name)
-            return out
-        m.forward = checking_forward
+
+    def check(name, m, forward, inp):
+        out = forward(inp)
+        if not found and not bool(xp.isfinite(out).all()):
+            found.append(name)
+        return out
+
     try:
-        model(x)
+        with model.hooks(forward=check):
+            model(x)
     finally:
-        for _, m in leaves:
-            vars(m).pop("forward", None)
+        for _, m in model.named_modules():
             m.cache = None
     return found[0] if found else "the loss"
 

@@ -214,3 +214,55 @@ def test_batchnorm_counts_training_batches_only(xp, rng):
     bn.eval()
     bn(x)
     assert int(bn.buffers["num_batches_tracked"]) == 2
+
+
+# --- Module.hooks ------------------------------------------------------------------
+
+def test_hooks_run_around_forward_and_backward_then_go(rng):
+    from minires.models import resnet20
+
+    model = resnet20(num_classes=3).astype(numpy.float64)
+    x = rng.standard_normal((2, 3, 8, 8))
+    seen = {"forward": [], "backward": []}
+
+    def record(kind):
+        def hook(name, m, call, arg):
+            out = call(arg)
+            seen[kind].append((name, tuple(arg.shape), None if out is None else tuple(out.shape)))
+            return out
+        return hook
+
+    reference = model(x)
+    model.backward(numpy.ones_like(reference))
+    with model.hooks(forward=record("forward"), backward=record("backward")) as hooked:
+        assert hooked is model
+        out = model(x)
+        model.backward(numpy.ones_like(out), input_grad=False)  # options pass through the hooks
+    leaves = [n for n, m in model.named_modules() if not m.named_children()]
+    assert sorted(n for n, _, _ in seen["forward"]) == sorted(leaves)
+    assert seen["forward"][0] == ("conv1", (2, 3, 8, 8), (2, 16, 8, 8))
+    assert seen["backward"][-1] == ("conv1", (2, 16, 8, 8), None)  # input_grad=False reached the stem
+    assert numpy.array_equal(out, reference)  # a hook that only watches changes nothing
+    assert not any("forward" in vars(m) or "backward" in vars(m) for _, m in model.named_modules())
+
+
+def test_hooks_nest_and_are_removed_after_an_error(rng):
+    layer = nn.ReLU()
+    order = []
+
+    def tag(label):
+        def hook(name, m, call, arg):
+            order.append(label)
+            return call(arg)
+        return hook
+
+    with pytest.raises(ZeroDivisionError):
+        with layer.hooks(forward=tag("outer"), modules=[("relu", layer)]):
+            with layer.hooks(forward=tag("inner"), modules=[("relu", layer)]):
+                layer(rng.standard_normal(3))
+                assert order == ["inner", "outer"]  # the last one added runs first
+            layer(rng.standard_normal(3))
+            assert order == ["inner", "outer", "outer"]
+            1 / 0
+    assert "forward" not in vars(layer)
+    assert numpy.array_equal(layer(numpy.array([-1.0, 2.0])), [0.0, 2.0])

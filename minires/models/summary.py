@@ -28,21 +28,19 @@ def summary(model, input_shape, print_fn=print):
     x = backend.to_device(numpy.zeros(shape, dtype=dtype))
     modes = {name: m.training for name, m in model.named_modules()}
     rows = []
-    leaves = [(name, m) for name, m in model.named_modules() if not m.named_children()]
-    for name, m in leaves:
-        def recording_forward(inp, _m=m, _name=name, _forward=m.forward):
-            out = _forward(inp)
-            params = sum(int(p.size) for p in _m.params.values())
-            rows.append({"layer": _name, "type": type(_m).__name__, "output_shape": tuple(out.shape[1:]),
-                         "params": params, "macs": _macs(_m, out.shape)})
-            return out
-        m.forward = recording_forward  # an instance attribute shadows the class method
+
+    def record(name, m, forward, inp):
+        out = forward(inp)
+        rows.append({"layer": name, "type": type(m).__name__, "output_shape": tuple(out.shape[1:]),
+                     "params": sum(int(p.size) for p in m.params.values()), "macs": _macs(m, out.shape)})
+        return out
+
     try:
         model.eval()
-        model(x)
+        with model.hooks(forward=record):
+            model(x)
     finally:
         for name, m in model.named_modules():
-            vars(m).pop("forward", None)
             m.training = modes[name]
             m.cache = None
     total_params = model.num_parameters()

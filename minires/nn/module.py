@@ -13,7 +13,14 @@ found in the order they were assigned, which gives PyTorch's dotted names
 
 Subclasses implement ``forward(x)`` (keeping in ``self.cache`` what backward
 needs) and ``backward(dout) -> dx``.
+
+Tools that watch a model run (the summary table, bench's per-layer timing,
+the gradient-flow recorder, the NaN finder) use ``Module.hooks``: for the
+length of a ``with`` block, a function of theirs runs around chosen modules'
+forward or backward.
 """
+import contextlib
+
 import numpy
 
 from .. import backend, ops
@@ -36,6 +43,13 @@ def check_sizes(owner, minimum=1, **sizes):
 def _few(names, limit=8):
     """The first ``limit`` names, and how many more (a whole ResNet's keys would fill the screen)."""
     return str(names) if len(names) <= limit else f"{names[:limit]} and {len(names) - limit} more"
+
+
+def _hooked(hook, name, module, call):
+    """``call`` (a bound method, or an outer hook's wrapper) with ``hook`` around it."""
+    def run(arg, **options):  # options such as ResNet.backward's input_grad pass through
+        return hook(name, module, lambda a: call(a, **options), arg)
+    return run
 
 
 class Module:
@@ -74,6 +88,46 @@ class Module:
 
     def backward(self, dout):
         raise NotImplementedError
+
+    @contextlib.contextmanager
+    def hooks(self, forward=None, backward=None, modules=None):
+        """Inside the ``with`` block, run ``forward`` around each module's forward
+        and ``backward`` around its backward; everything is restored on exit.
+
+        A hook is called as ``hook(name, module, call, arg)`` and returns what the
+        method should return; ``call(arg)`` runs the method itself. For example,
+        print every leaf's output shape::
+
+            def show(name, module, call, x):
+                out = call(x)
+                print(name, out.shape)
+                return out
+
+            with model.hooks(forward=show):
+                model(x)
+
+        ``modules`` is a list of ``(name, module)`` pairs (default: the leaves of
+        this tree, the modules without children). Hooks nest: a second ``with``
+        wraps around the first.
+        """
+        if modules is None:
+            modules = [(name, m) for name, m in self.named_modules() if not m.named_children()]
+        saved = []  # (module, method name, its own instance attribute or None)
+        try:
+            for method, hook in (("forward", forward), ("backward", backward)):
+                if hook is None:
+                    continue
+                for name, m in modules:
+                    saved.append((m, method, vars(m).get(method)))
+                    # an instance attribute shadows the class's method: the one place that does so
+                    setattr(m, method, _hooked(hook, name, m, getattr(m, method)))
+            yield self
+        finally:
+            for m, method, own in reversed(saved):
+                if own is None:
+                    vars(m).pop(method, None)
+                else:
+                    setattr(m, method, own)
 
     def pop_cache(self):
         """Return the cache saved by ``forward`` and forget it.
