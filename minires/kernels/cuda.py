@@ -3,24 +3,26 @@
 On CuPy the xp code of ``conv.py`` / ``batchnorm.py`` / ``activation.py`` is
 correct but costs many kernel launches per op, each a full pass over memory:
 
-* ``im2col`` replaces :func:`minires.functional.conv.im2col` (a zero fill, a
-  padded copy and a strided copy: 3 launches, each a pass over memory);
+* ``im2col`` replaces :func:`minires.functional.conv.im2col` (a zero fill and
+  a copy per kernel offset, each a pass over memory);
 * ``col2im`` replaces :func:`minires.functional.conv.col2im` (a zero fill, one
-  ``+=`` per kernel offset and a cropping copy: 11 launches for 3x3); it
-  *gathers*, so it needs no atomics;
+  ``+=`` per kernel offset and a cropping copy); it *gathers*, so it needs no
+  atomics;
 * ``bn_stats`` + ``bn_normalize`` replace the BatchNorm forward in training
   (mean, var, inv_std, the running-stat update, num_batches_tracked, centre,
-  scale, shift: ~21 launches), ``bn_backward_sums`` + ``bn_backward_dx`` its backward
+  scale, shift), ``bn_backward_sums`` + ``bn_backward_dx`` its backward
   (``batchnorm2d_forward`` / ``batchnorm2d_backward``);
-* ``relu_backward`` fuses ``dout * (out > 0)`` (two launches and a mask array);
+* ``relu_backward`` fuses ``dout * (out > 0)`` (no mask array);
 * ``softmax_xent_forward`` / ``softmax_xent_backward`` replace the softmax
-  cross-entropy of ``loss.py`` (~11 and ~4 launches on (N, K) arrays);
-* ``sgd_momentum_step`` is :meth:`minires.optim.SGD._update` with momentum
-  (weight decay, velocity, step: ~6 launches per parameter);
+  cross-entropy of ``functional/loss.py``;
+* ``sgd_momentum_step`` is :func:`minires.functional.optim.sgd_step` with
+  momentum for one parameter (weight decay, velocity and step in one pass);
 * ``zero_many``, ``sgd_momentum_step_many`` and ``flag_nonfinite_many`` work on
-  *all* the parameters or gradients of a model in one launch (one per array
-  before: ~60 each for ResNet-20's ``zero_grad``, SGD step and NaN check). They
+  *all* the parameters or gradients of a model in one launch (instead of one
+  or more per array) for ``zero_grad``, the SGD step and the NaN check. They
   get the arrays as a table of device addresses (:func:`_address_table`).
+
+docs/gpu.md counts the launches each one replaces and what that bought.
 
 The kernels that update arrays in place mark them ``INOUT``.
 
@@ -47,9 +49,8 @@ MAX_BLOCKS = 8192
 #: Threads per block of the per-channel reductions (one block per channel);
 #: also the size of their shared-memory buffer, so never launch more. The
 #: most a block can have: ResNet-20's first stage has only 16 channels, so
-#: 16 blocks, and each thread's share of the 131k values per channel shrinks
-#: with more threads (with 256, a BN forward of that stage took 0.38 ms on an
-#: H200, against 0.22 ms in the later, launch-bound stages).
+#: only 16 blocks, and more threads per block shrink each thread's share of
+#: a channel's values (docs/gpu.md times it).
 REDUCE_THREADS = 1024
 
 _CTYPES = {"float32": "float", "float64": "double"}
@@ -133,8 +134,8 @@ __device__ T block_sum(T* partial, T v)
 // One block per channel (grid-stride over channels); its threads stride over
 // the values, so neighbouring threads read neighbouring addresses. Two passes:
 // the mean, then the mean of (x - mean)^2 (biased variance), which stays
-// accurate when |mean| >> std, unlike E[x^2] - mean^2. One launch for what
-// took ~10 tiny ones over (C,) arrays after the reductions.
+// accurate when |mean| >> std, unlike E[x^2] - mean^2. One launch, also for
+// the small (C,)-array updates that would otherwise each be a launch.
 extern "C" __global__ void bn_stats(const T* x, T* mean, T* inv_std,
                                     INOUT T* running_mean, INOUT T* running_var,
                                     INOUT long long* batches, int N, int C, int L, T eps, T keep,
@@ -226,7 +227,7 @@ extern "C" __global__ void bn_backward_dx(const T* dout, const T* x_hat, const T
 
 // ---- SGD with momentum, one parameter updated in place (optim.SGD._update) ----
 // g = grad + weight_decay * p;  buf = momentum * buf + g  (buf = g at the first step);
-// p -= lr * (nesterov ? g + momentum * buf : buf). One launch instead of ~6.
+// p -= lr * (nesterov ? g + momentum * buf : buf). One launch instead of one per operation.
 extern "C" __global__ void sgd_momentum_step(INOUT T* p, const T* grad, INOUT T* buf, long long n,
                                              T lr, T momentum, T weight_decay, int nesterov, int first)
 {
@@ -244,7 +245,7 @@ extern "C" __global__ void sgd_momentum_step(INOUT T* p, const T* grad, INOUT T*
 // running total of their sizes: starts[k] = elements in arrays 0..k-1, so
 // starts[n] is the size of all n arrays together. The kernels walk that
 // concatenation: element t of it is element t - starts[k] of array k, where
-// k is found by binary search (a model has tens of arrays, so ~6 steps).
+// k is found by binary search (a model has tens of arrays, so a few steps).
 __device__ int array_of(const long long* starts, int n, long long t)
 {
     int lo = 0, hi = n - 1;                                // starts[lo] <= t < starts[hi + 1]

@@ -1,5 +1,5 @@
 """Engine softmax cross-entropy: on a GPU one kernel launch each way
-(kernels/cuda.py) instead of ~11 and ~4; on the CPU the textbook's code.
+(kernels/cuda.py) instead of one per xp operation; on the CPU the textbook's code.
 Same contract as minires.functional.loss.
 """
 import numpy

@@ -8,9 +8,9 @@ calling thread and a pool of worker threads (one thread per core in all),
 and asks BLAS for one thread per call while they run: every core then does
 the copies *and* the GEMM of its own chunk.
 Plain Python threads can do this because NumPy releases the GIL inside its
-loops and BLAS calls. On the 2-core test machine this makes a ResNet-20
-training step 1.3-1.4x faster than one chunk after another, where BLAS runs
-each GEMM on both cores (``MINIRES_NUM_THREADS=1``; docs/performance.md).
+loops and BLAS calls. docs/performance.md measures what this buys over one
+chunk after another with BLAS running each GEMM on all cores
+(``MINIRES_NUM_THREADS=1``).
 
 Results do not depend on the number of threads or on timing: each chunk
 writes its own slice of an output, and per-chunk partial results come back
@@ -156,10 +156,10 @@ def map_chunks(fn, chunks):
 
     The calling thread works too: it and ``threads - 1`` pool threads each take
     the next chunk nobody has taken yet, until none is left. (Handing every
-    chunk to the pool and waiting cost about 80 us per call, a wake-up per
-    chunk; this call is made ~180 times per ResNet-20 step, on chunks of
-    0.1-2 ms.) Taking chunks as they come also balances the work when one
-    core is slower than the other.
+    chunk to the pool and waiting costs a thread wake-up per chunk, which adds
+    up over the many short chunks of a step: docs/performance.md.) Taking
+    chunks as they come also balances the work when one core is slower than
+    the other.
     """
     chunks = list(chunks)
     threads = min(num_threads(), len(chunks))
