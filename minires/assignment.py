@@ -139,7 +139,8 @@ Helpers in this file: _offset_view(a, i, j, stride, out_hw), _crop(dx_pad, paddi
 Inputs:  dout  -- (N, F, Ho, Wo) upstream gradient
          cache -- (x, w, b, (sh, sw), (ph, pw)): x (N, C, H, W), w (F, C, kh, kw),
                   b (F,) or None
-Returns: (dx, dw, db) -- dx (N, C, H, W), dw (F, C, kh, kw), db (F,) or None without bias.
+Returns: nothing itself: set dx (N, C, H, W), dw (F, C, kh, kw) and db (F,),
+         or db = None without bias; the line after this body returns them.
 Helpers in this file: im2col(x, kh, kw, stride, padding) -> cols (C*kh*kw, N*Ho*Wo),
 and col2im(cols, x.shape, kh, kw, stride, padding) -> (N, C, H, W), its adjoint.""",
         "dw and db sum over the batch and all output positions; every input pixel collects "

@@ -213,8 +213,9 @@ def conv2d_forward(x, w, b=None, stride=1, padding=0):
 def conv2d_backward(dout, cache, input_grad=True):
     """Gradients of :func:`conv2d_forward`. Returns (dx, dw, db); db is None without bias.
 
-    ``input_grad=False`` skips dx (returned as None): a network's first
-    convolution reads the images, whose gradient training does not need.
+    ``input_grad=False`` returns None for dx: a network's first convolution
+    reads the images, whose gradient training does not need (the engine skips
+    computing it; here it is computed and dropped, to keep the body simple).
     """
     x, w, b, stride, padding = cache
     F, kh, kw = w.shape[0], w.shape[2], w.shape[3]
@@ -226,8 +227,6 @@ def conv2d_backward(dout, cache, input_grad=True):
     # dw_mat = dout_mat @ cols.T, written as (cols @ dout_mat.T).T: BLAS runs this orientation faster
     dw = (cols @ dout_mat.T).T.reshape(w.shape)
     db = dout.sum(axis=(0, 2, 3)) if b is not None else None
-    if not input_grad:
-        return None, dw, db
     dx = col2im(w.reshape(F, -1).T @ dout_mat, x.shape, kh, kw, stride, padding)
-    return dx, dw, db
     # END ASSIGNMENT conv2d_backward
+    return (dx if input_grad else None), dw, db
