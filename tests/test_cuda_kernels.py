@@ -23,6 +23,8 @@ from minires.kernels import conv as engine_conv
 from minires.kernels import cuda
 from minires.nn.module import Module
 
+pytestmark = pytest.mark.engine  # the engine's CUDA kernels, each against the textbook code it replaces
+
 # (N, C, H, W, kh, kw, stride, padding): pad 0/1/2, stride 1/2/3, non-square
 # kernels and inputs, batch 1, 1x1 kernels, a kernel as large as the input,
 # a stride larger than the kernel (pixels that no window reads).

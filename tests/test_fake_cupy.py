@@ -125,6 +125,7 @@ def test_a_training_step_syncs_with_the_host_three_times():
     assert transfers == 3 * steps + 1, f"{transfers} device->host transfers in {steps} steps"  # +1: the epoch's accuracy
 
 
+@pytest.mark.engine  # a budget of the engine's kernels, not a property of the math
 def test_device_operations_of_a_training_step():
     """A GPU step is launch-bound (docs/gpu.md): its speed follows the number of
     kernel launches, which the stand-in counts. Gradients are zeroed, checked for
