@@ -254,3 +254,49 @@ def test_whole_models_agree_under_both_settings(model_name, shape, xp, rng):
     _close(results["fast"][0], results["textbook"][0], 1e-9)
     for name, g in results["textbook"][1].items():  # (ResNet-50's last BatchNorms see 2 values
         _close(results["fast"][1][name], g, 1e-7)   # a channel: gradients of 1e6, ill-conditioned)
+
+
+# the layout: the textbook knows nothing of the engine, and nothing but the seam chooses
+
+PACKAGE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "minires")
+
+
+def _imports(path):
+    """The modules a file imports, as dotted names relative to minires (``kernels.cuda``, ``backend``)."""
+    import ast
+
+    folder = os.path.relpath(os.path.dirname(path), PACKAGE).replace(os.sep, ".").strip(".")
+    names = []
+    for node in ast.walk(ast.parse(open(path).read())):
+        if isinstance(node, ast.ImportFrom) and node.level:
+            base = folder.split(".") if folder else []
+            base = base[:len(base) - (node.level - 1)] if node.level > 1 else base
+            module = ".".join(base + ([node.module] if node.module else []))
+            names += [f"{module}.{a.name}".strip(".") for a in node.names]
+        elif isinstance(node, ast.Import):
+            names += [a.name for a in node.names]
+    return names
+
+
+def _files(*folders):
+    for folder in folders:
+        for name in sorted(os.listdir(os.path.join(PACKAGE, folder))):
+            if name.endswith(".py"):
+                yield os.path.join(PACKAGE, folder, name)
+
+
+@pytest.mark.parametrize("path", list(_files("functional")), ids=os.path.basename)
+def test_the_textbook_has_no_engine_in_it(path):
+    text = open(path).read()
+    assert not [n for n in _imports(path) if n.startswith(("kernels", "parallel", "cupy", "threading"))]
+    for trick in ("xp is not numpy", "xp is numpy", "map_chunks", "scratch", "chunk", "thread", "launch", "cuda"):
+        assert trick not in text.lower(), f"{os.path.basename(path)} mentions {trick!r}"
+
+
+def test_only_the_seam_reaches_the_engine():
+    outside = [p for p in _files("", "nn", "models", "data") if not p.endswith("ops.py")]
+    for path in outside:
+        engine = [n for n in _imports(path) if n.startswith("kernels") or "cuda" in n]
+        assert not engine, f"{os.path.relpath(path, PACKAGE)} imports {engine}"
+        assert "launch" not in open(path).read(), os.path.relpath(path, PACKAGE)
+    assert any(n.startswith("kernels") for n in _imports(os.path.join(PACKAGE, "ops.py")))
