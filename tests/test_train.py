@@ -344,7 +344,7 @@ def test_cli_help_shows_the_defaults(capsys):
                  "(default: 0.0005;", "(default: cosine;", "--subset N use a sample of N training (and at most N "
                  "test) images (default: all of them)", "(default: runs/default)"):
         assert text in shown, text
-    assert shown.count("(default: ") == 21  # every option but --help
+    assert shown.count("(default: ") == 22  # every option but --help (--kernels included)
     for command in ("evaluate", "summary", "gradcheck"):
         with pytest.raises(SystemExit):
             main([command, "--help"])
