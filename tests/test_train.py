@@ -24,6 +24,9 @@ needs_data = pytest.mark.skipif(not have_fashion_mnist(), reason="Fashion-MNIST 
                                 "(apt-get install dataset-fashion-mnist)")
 
 
+SYSTEM_DATA = "/usr/share/datasets/fashion-mnist"  # the Debian package's folder (where have_fashion_mnist finds it)
+
+
 def tiny(out, **kw):
     base = dict(model="resnet20", dataset="fashion-mnist", epochs=2, batch_size=32, subset=96,
                 eval_batch_size=96, out=str(out), seed=0, progress=False)
@@ -38,6 +41,9 @@ def test_train_writes_history_checkpoint_and_curves(tmp_path):
     saved = json.loads((tmp_path / "history.json").read_text())
     for key in ("epoch", "train_loss", "train_acc", "test_loss", "test_acc", "lr", "seconds"):
         assert key in saved[0]
+    files = saved[0]["data_files"]  # which files the epoch trained on, with their verified checksums
+    assert [f["role"] for f in files] == ["train images", "train labels", "test images", "test labels"]
+    assert all(f["verified"] and len(f["sha256"]) == 64 and os.path.isfile(f["path"]) for f in files)
     assert saved[0]["lr"] == pytest.approx(0.1) and saved[1]["lr"] < 0.1  # cosine schedule
     assert (tmp_path / "curves.png").stat().st_size > 10_000
     model_state, optim_state, meta = load_checkpoint(str(tmp_path / "checkpoint.npz"))
@@ -200,7 +206,7 @@ def test_resume_where_output_and_progress_change(tmp_path, monkeypatch):
         interrupt_at_epoch(patch, 2)
         with pytest.raises(KeyboardInterrupt):
             train(tiny(tmp_path / "half"), log=lambda *a: None)
-    resumed = train(tiny(tmp_path / "resumed", progress=True, eval_batch_size=40, data_dir=str(tmp_path)),
+    resumed = train(tiny(tmp_path / "resumed", progress=True, eval_batch_size=40, data_dir=str(SYSTEM_DATA)),
                     resume=str(tmp_path / "half" / "checkpoint.npz"), log=lambda *a: None)
     assert [r["epoch"] for r in resumed] == [1, 2]
     assert resumed[1]["lr"] == pytest.approx(0.05)  # the cosine's middle: 3 of the run's 6 steps done
