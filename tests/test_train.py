@@ -308,10 +308,59 @@ def test_cli_train_and_evaluate(tmp_path, capsys):
     out = str(tmp_path / "run")
     main(["train", "--subset", "64", "--epochs", "1", "--batch-size", "32", "--out", out, "--no-progress"])
     assert os.path.exists(os.path.join(out, "checkpoint.npz"))
-    capsys.readouterr()
-    main(["evaluate", "--checkpoint", os.path.join(out, "checkpoint.npz"), "--subset", "200", "--json"])
+    printed = capsys.readouterr().out
+    assert "data: fashion-mnist, SHA-256 of each file's decompressed content matches" in printed
+    assert "train-images-idx3-ubyte" in printed and "t10k-labels-idx1-ubyte" in printed
+    with open(os.path.join(out, "history.json")) as f:
+        trained_on = json.load(f)[0]["test_acc"]
+    checkpoint = os.path.join(out, "checkpoint.npz")
+    main(["evaluate", "--checkpoint", checkpoint, "--subset", "64", "--json"])
     result = json.loads(capsys.readouterr().out)
-    assert result["model"] == "resnet20" and result["test_images"] == 200 and 0 <= result["test_acc"] <= 1
+    assert result["model"] == "resnet20" and result["test_images"] == 64
+    assert result["test_acc"] == trained_on  # --subset N: the very sample train tested on
+    assert [f["role"] for f in result["data_files"]] == ["test images", "test labels"]
+    main(["evaluate", "--checkpoint", checkpoint, "--model", "resnet20", "--subset", "200"])
+    printed = capsys.readouterr().out
+    assert "t10k-images-idx3-ubyte" in printed and "on 200 test images" in printed
+    with pytest.raises(SystemExit) as info:
+        main(["evaluate", "--checkpoint", checkpoint, "--model", "resnet56"])
+    assert info.value.code == 2 and f"--model resnet56: {checkpoint} holds a resnet20" in capsys.readouterr().err
+
+
+def test_cli_empty_data_dir_is_an_error(tmp_path, capsys, monkeypatch):
+    """The newcomer's example: a named folder without the data never trains on another copy."""
+    monkeypatch.delenv("MINIRES_DATA", raising=False)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(SystemExit) as info:
+        main(["train", "--data-dir", str(empty), "--subset", "64", "--epochs", "1", "--out", str(tmp_path / "o")])
+    err = capsys.readouterr().err
+    assert info.value.code == 2 and err.startswith("minires train: error: dataset 'fashion-mnist' not found "
+                                                   f"in the folder named by --data-dir (data_dir=): {empty}")
+    assert "t10k-labels-idx1-ubyte.gz" in err and "never falls back" in err and "Traceback" not in err
+    assert not (tmp_path / "o").exists()
+
+
+def test_cli_unknown_flag_gets_the_commands_usage(capsys):
+    with pytest.raises(SystemExit) as info:
+        main(["evaluate", "--checkpoint", "c.npz", "--modle", "resnet20"])
+    err = capsys.readouterr().err
+    assert info.value.code == 2 and "usage: python -m minires evaluate" in err
+    assert "error: unrecognized arguments: --modle resnet20" in err
+
+
+def test_cli_help_is_grouped_and_says_why_defaults_differ(capsys):
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    shown = capsys.readouterr().out
+    for group in ("model:", "data:", "optimization:", "output:"):
+        assert f"\n{group}\n" in shown, group
+    assert "BasicBlock(...) on its own defaults to B" in " ".join(shown.split())
+    with pytest.raises(SystemExit):
+        main(["evaluate", "--help"])
+    shown = " ".join(capsys.readouterr().out.split())
+    assert "all 10,000 fashion-mnist test images unless --subset N" in shown
+    assert "train --subset N tests each epoch on a stratified sample" in shown
 
 
 @needs_data
@@ -393,3 +442,16 @@ def test_resnet20_reaches_88_percent_on_fashion_mnist(tmp_path):
     """The issue's bar: 2 epochs of ResNet-20 on full Fashion-MNIST, >= 88% test accuracy."""
     history = train(TrainConfig(out=str(tmp_path), progress=False), log=print)
     assert history[-1]["test_acc"] >= 0.88
+
+
+def test_shortcut_default_agrees_with_the_python_api():
+    """``train``'s --shortcut default is that of the CIFAR ResNets it builds (the help names
+    the one exception, BasicBlock on its own)."""
+    import inspect
+
+    from minires.models.blocks import BasicBlock
+    from minires.models.resnet import CifarResNet
+
+    assert TrainConfig().shortcut == inspect.signature(CifarResNet).parameters["shortcut"].default == "A"
+    assert type(models.resnet20().layer2[0].downsample).__name__ == "ShortcutA"  # zero-padded identity
+    assert inspect.signature(BasicBlock).parameters["shortcut"].default == "B"
