@@ -14,9 +14,29 @@ found in the order they were assigned, which gives PyTorch's dotted names
 Subclasses implement ``forward(x)`` (keeping in ``self.cache`` what backward
 needs) and ``backward(dout) -> dx``.
 """
+import functools
+
 import numpy
 
 from .. import backend, ops
+
+
+class CacheError(RuntimeError):
+    """``backward`` without a matching ``forward`` (or a second one after it)."""
+
+
+def _names_layer_on_cache_error(backward):
+    """Wrap a subclass's ``backward`` so that a :class:`CacheError` raised in it
+    (or in a child's backward) carries the dotted path of the layer, as forward
+    errors do (``"fc: Linear.backward called without a matching forward ..."``)."""
+    @functools.wraps(backward)
+    def named_backward(self, *args, **kwargs):
+        try:
+            return backward(self, *args, **kwargs)
+        except CacheError as err:
+            self._name_failing_layer(err)
+            raise
+    return named_backward
 
 
 def check_sizes(owner, minimum=1, **sizes):
@@ -39,6 +59,11 @@ def _few(names, limit=8):
 
 
 class Module:
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        if "backward" in vars(cls):  # each backward a subclass defines (see _names_layer_on_cache_error)
+            cls.backward = _names_layer_on_cache_error(vars(cls)["backward"])
+
     def __init__(self):
         self.params = {}
         self.grads = {}
@@ -81,8 +106,8 @@ class Module:
         A cache is used by exactly one backward: calling backward before forward,
         or twice after one forward, is a bug in the caller and raises.
         """
-        if self.cache is None:
-            raise RuntimeError(
+        if self.cache is None:  # the enclosing backwards prefix the layer's path (e.g. "fc: ")
+            raise CacheError(
                 f"{type(self).__name__}.backward called without a matching forward "
                 "(call forward first; each forward allows one backward)"
             )
