@@ -61,3 +61,15 @@ def test_the_check_passes_the_real_block(demo):
     assert set(errors) == {"input", "conv1.weight", "conv1.bias", "bn1.weight", "bn1.bias", "conv2.weight",
                            "conv2.bias", "bn2.weight", "bn2.bias", "downsample.0.weight", "downsample.1.weight",
                            "downsample.1.bias"}
+
+
+@pytest.mark.slow
+@pytest.mark.xfail(strict=True, reason="found by the demo's self-check (issue 22): on the CuPy stand-in with the fast "
+                   "kernels, at 224x224 the input gradient differs from PyTorch's by ~1e-2 (float32), while "
+                   "MINIRES_KERNELS=textbook agrees to 3e-7 and 64x64 agrees to 7e-7; the float64 gradient check passes")
+def test_demo_on_the_cupy_stand_in_at_full_size_agrees_with_torch():
+    pytest.importorskip("torch")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT / "tests" / "fake_cupy"), str(ROOT)]),
+               MINIRES_BACKEND="cupy")
+    result = subprocess.run([sys.executable, str(DEMO)], env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0 and "parity with PyTorch: PASS" in result.stdout, result.stdout[-1500:]
