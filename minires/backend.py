@@ -17,10 +17,19 @@ import os
 
 import numpy
 
-_CUPY_HELP = (
+_INSTALL_HELP = (
     "the 'cupy' backend needs CuPy and a CUDA GPU. Install the CuPy wheel that "
     "matches your CUDA toolkit, e.g. `pip install -e .[cuda]` (cupy-cuda12x), or "
     "use the default backend: set_backend('numpy') / MINIRES_BACKEND=numpy."
+)
+# CuPy is installed, so reinstalling it would change nothing: the GPU side is missing.
+_DRIVER_HELP = (
+    "CuPy {version} is installed, but the 'cupy' backend also needs an NVIDIA GPU and its "
+    "driver. Check with `nvidia-smi` (it should list a GPU; if the command is missing, the "
+    "driver is not installed); in a container, start it with the GPU passed in (e.g. "
+    "`docker run --gpus all`); CuPy's wheel must match the driver's CUDA version "
+    "(cupy-cuda12x for CUDA 12). Without a GPU, use the default backend: "
+    "set_backend('numpy') / MINIRES_BACKEND=numpy."
 )
 
 _active = numpy
@@ -28,16 +37,19 @@ _rng = numpy.random.default_rng(0)
 
 
 def _import_cupy():
-    """Return the cupy module, or raise a RuntimeError that says how to get it."""
+    """Return the cupy module, or raise a RuntimeError that says how to get it
+    (how to install CuPy when it is missing; what to check on the GPU side
+    when CuPy is there but finds no GPU or driver)."""
     try:
         import cupy
     except ImportError as err:
-        raise RuntimeError("CuPy is not installed: " + _CUPY_HELP) from err
+        raise RuntimeError("CuPy is not installed: " + _INSTALL_HELP) from err
+    driver_help = _DRIVER_HELP.format(version=getattr(cupy, "__version__", "?"))
     try:
         if cupy.cuda.runtime.getDeviceCount() < 1:
-            raise RuntimeError("CuPy found no GPU: " + _CUPY_HELP)
+            raise RuntimeError("CuPy found no GPU: " + driver_help)
     except cupy.cuda.runtime.CUDARuntimeError as err:
-        raise RuntimeError(f"CuPy cannot use a GPU ({err}): " + _CUPY_HELP) from err
+        raise RuntimeError(f"CuPy cannot use a GPU ({err}): " + driver_help) from err
     return cupy
 
 

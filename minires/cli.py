@@ -62,60 +62,77 @@ def add_train(sub):
         description=f"Train a model and write history.json, checkpoint.npz and curves.png to --out. "
                     f"With no flags: {d.model} on all {DATASETS[d.dataset].train_size:,} {d.dataset} "
                     f"training images for {d.epochs} epochs; --subset N trains on a sample of N images.")
-    p.add_argument("--model", default=d.model, choices=sorted(MODELS), metavar="NAME",
-                   help="model name (resnet20, plain56, resnet18, ...)" + DEFAULT)
-    p.add_argument("--dataset", default=d.dataset, choices=sorted(DATASETS), help="dataset" + DEFAULT)
-    p.add_argument("--epochs", type=_non_negative_int, default=d.epochs,
-                   help="passes over the training set" + DEFAULT)
-    p.add_argument("--batch-size", type=_positive_int, default=d.batch_size, help="images per step" + DEFAULT)
     def or_recipe(default):  # the help's ending for a flag that --recipe sets
         return f" (default: {default}; with --recipe, the recipe's)"
 
-    p.add_argument("--lr", type=_positive_float, help="initial learning rate" + or_recipe(d.lr))
-    p.add_argument("--momentum", type=float, help="SGD momentum" + or_recipe(d.momentum))
-    p.add_argument("--weight-decay", type=float, help="L2 weight decay" + or_recipe(d.weight_decay))
-    p.add_argument("--nesterov", action="store_true", help="Nesterov momentum (default: off)")
-    p.add_argument("--optimizer", default=d.optimizer, choices=["sgd", "adam", "adamw"], help="optimizer" + DEFAULT)
-    p.add_argument("--schedule", choices=SCHEDULES,
+    g = p.add_argument_group("model")
+    g.add_argument("--model", default=d.model, choices=sorted(MODELS), metavar="NAME",
+                   help="model name (resnet20, plain56, resnet18, ...)" + DEFAULT)
+    g.add_argument("--shortcut", default=d.shortcut, choices=["A", "B"],
+                   help="A: zero-padded identity, B: 1x1 projection where the shape changes (default: "
+                        "%(default)s, as the CIFAR ResNets of He et al. 2016 and minires.models.resnet20(); "
+                        "BasicBlock(...) on its own defaults to B, as torchvision's blocks)")
+    g = p.add_argument_group("data")
+    g.add_argument("--dataset", default=d.dataset, choices=sorted(DATASETS), help="dataset" + DEFAULT)
+    g.add_argument("--data-dir", default=d.data_dir, metavar="FOLDER",
+                   help="folder holding the dataset files; if it lacks them that is an error, never a fall "
+                        "back to another copy (default: $MINIRES_DATA if set, else /usr/share/datasets/NAME, "
+                        "~/.cache/minires, then a download)")
+    g.add_argument("--subset", type=_positive_int, default=d.subset, metavar="N",
+                   help="use a sample of N training (and at most N test) images (default: all of them)")
+    g.add_argument("--augment", action=argparse.BooleanOptionalAction, default=d.augment,
+                   help="pad-and-crop + flip (default: on for cifar10 only; with --recipe, on)")
+    g = p.add_argument_group("optimization")
+    g.add_argument("--epochs", type=_non_negative_int, default=d.epochs,
+                   help="passes over the training set" + DEFAULT)
+    g.add_argument("--batch-size", type=_positive_int, default=d.batch_size, help="images per step" + DEFAULT)
+    g.add_argument("--optimizer", default=d.optimizer, choices=["sgd", "adam", "adamw"], help="optimizer" + DEFAULT)
+    g.add_argument("--lr", type=_positive_float, help="initial learning rate" + or_recipe(d.lr))
+    g.add_argument("--momentum", type=float, help="SGD momentum" + or_recipe(d.momentum))
+    g.add_argument("--weight-decay", type=float, help="L2 weight decay" + or_recipe(d.weight_decay))
+    g.add_argument("--nesterov", action="store_true", help="Nesterov momentum (default: off)")
+    g.add_argument("--schedule", choices=SCHEDULES,
                    help="learning-rate schedule over the whole run, stepped every iteration" + or_recipe(d.schedule))
-    p.add_argument("--recipe", choices=sorted(RECIPES),
+    g.add_argument("--warmup", type=_non_negative_int, default=d.warmup,
+                   help="linear warm-up iterations" + DEFAULT)
+    g.add_argument("--recipe", choices=sorted(RECIPES),
                    help="he2016-cifar: SGD lr 0.1, momentum 0.9, weight decay 1e-4, lr /10 at 1/2 and 3/4 "
                         "of the run (He et al. 2016, sec. 4.2: 32k and 48k of 64k iterations), pad-and-crop + flip; "
                         "flags given with it override its values (default: none)")
-    p.add_argument("--warmup", type=_non_negative_int, default=d.warmup,
-                   help="linear warm-up iterations" + DEFAULT)
-    p.add_argument("--shortcut", default=d.shortcut, choices=["A", "B"],
-                   help="A: zero-padded identity, B: 1x1 projection where the shape changes" + DEFAULT)
-    p.add_argument("--augment", action=argparse.BooleanOptionalAction, default=d.augment,
-                   help="pad-and-crop + flip (default: on for cifar10 only; with --recipe, on)")
-    p.add_argument("--subset", type=_positive_int, default=d.subset, metavar="N",
-                   help="use a sample of N training (and at most N test) images (default: all of them)")
-    p.add_argument("--seed", type=int, default=d.seed,
+    g.add_argument("--seed", type=int, default=d.seed,
                    help="seed of the weights, the sample and the data order" + DEFAULT)
-    p.add_argument("--backend", default=d.backend, choices=["numpy", "cupy"], help="array backend" + DEFAULT)
-    p.add_argument("--data-dir", default=d.data_dir, metavar="FOLDER",
-                   help="folder holding the dataset files, searched first (default: $MINIRES_DATA, "
-                        "/usr/share/datasets/..., ~/.cache/minires, then a download)")
-    p.add_argument("--out", default=d.out, metavar="FOLDER",
+    g = p.add_argument_group("output")
+    g.add_argument("--out", default=d.out, metavar="FOLDER",
                    help="output folder (history.json, checkpoint.npz, curves.png)" + DEFAULT)
-    p.add_argument("--resume", metavar="PATH",
+    g.add_argument("--resume", metavar="PATH",
                    help="checkpoint to carry on from, with the settings of the run that saved it: only --out, "
                         "--backend, --data-dir and --no-progress may change, and --epochs with --schedule "
                         "constant (default: a new run)")
-    p.add_argument("--no-progress", dest="progress", action="store_false",
+    g.add_argument("--no-progress", dest="progress", action="store_false",
                    help="no progress bar (default: one per epoch)")
+    p.add_argument("--backend", default=d.backend, choices=["numpy", "cupy"], help="array backend" + DEFAULT)
     p.set_defaults(run=run_train)
     # a recipe's flags must default to None, or a default would override the recipe
     assert all(p.get_default(k) is None for recipe in RECIPES.values() for k in recipe)
 
-    p = sub.add_parser("evaluate", help="test accuracy of a saved checkpoint")
+    p = sub.add_parser(
+        "evaluate", help="test accuracy of a saved checkpoint",
+        description="Test loss and accuracy of a checkpoint written by train, on its dataset's test set: "
+                    f"all {DATASETS[d.dataset].test_size:,} {d.dataset} test images unless --subset N. "
+                    "Why it can differ from the accuracy train printed: train --subset N tests each epoch on a "
+                    "stratified sample of at most N test images (drawn with the run's --seed); evaluate uses "
+                    "the whole test set, or with --subset N the same sample train used. Both use BatchNorm's "
+                    "running statistics (eval mode).")
     p.add_argument("--checkpoint", required=True, metavar="PATH", help="checkpoint.npz written by train")
+    p.add_argument("--model", metavar="NAME", choices=sorted(MODELS),
+                   help="refuse the checkpoint unless it holds this model (default: whatever model it holds)")
     p.add_argument("--data-dir", metavar="FOLDER",
-                   help="folder holding the dataset files (default: the one the checkpoint's run used, "
-                        "then the usual search)")
+                   help="folder holding the dataset files; an error if it lacks them (default: the one the "
+                        "checkpoint's run named, else $MINIRES_DATA, /usr/share/datasets/NAME, ~/.cache/minires)")
     p.add_argument("--backend", default="numpy", choices=["numpy", "cupy"], help="array backend" + DEFAULT)
     p.add_argument("--subset", type=_positive_int, metavar="N",
-                   help="evaluate on a sample of N test images (default: all of them)")
+                   help="evaluate on the stratified sample of N test images that train --subset N used "
+                        "(default: all of them)")
     p.add_argument("--json", action="store_true", help="print the result as JSON (default: one line of text)")
     p.set_defaults(run=run_evaluate)
 
@@ -134,12 +151,21 @@ def run_train(args):
 
 
 def run_evaluate(args):
+    from .data import files_banner
     from .train import evaluate_checkpoint
 
+    if args.model:  # checked before the data is read
+        from .checkpoint import load_checkpoint, saved_model_config
+
+        _, _, meta = load_checkpoint(args.checkpoint)
+        held = saved_model_config(args.checkpoint, meta)["name"]
+        if held != args.model:
+            raise UsageError(f"--model {args.model}: {args.checkpoint} holds a {held}")
     result = evaluate_checkpoint(args.checkpoint, args.data_dir, backend_name=args.backend, subset_size=args.subset)
     if args.json:
         print(json.dumps(result))
     else:
+        print(files_banner(result["dataset"], result["data_files"]))
         print(f"{result['model']} on {result['dataset']} (epoch {result['epoch']}): "
               f"test loss {result['test_loss']:.4f}, test accuracy {100 * result['test_acc']:.2f}% "
               f"on {result['test_images']} test images")
@@ -264,7 +290,10 @@ def main(argv=None):
     from . import ops
 
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:  # the command's own usage, which lists its flags (not the top level's)
+        commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+        commands.choices[args.command].error(f"unrecognized arguments: {' '.join(unknown)}")
     try:
         with ops.kernels(getattr(args, "kernels", None) or ops.get_kernels()):
             return args.run(args)

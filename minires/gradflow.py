@@ -191,8 +191,10 @@ def remove_batchnorm(model, conv_bias=True):
 
 # --- the experiment: one forward/backward at initialization -----------------------
 
-def load_batch(batch_size, seed=0, data_dir=None, dataset="fashion-mnist", synthetic=False):
-    """A training batch, normalized as the DataLoader does; returns ``(x, y, source)``.
+def load_batch(batch_size, seed=0, data_dir=None, dataset="fashion-mnist", synthetic=False,
+               dtype=numpy.float32, return_files=False):
+    """A training batch, normalized as the DataLoader does; returns ``(x, y, source)``
+    (with ``return_files``, also the files read: :func:`minires.data.load_dataset`).
 
     ``batch_size`` images drawn at random (seeded) from the training set. If the
     dataset is nowhere on this machine (and no ``data_dir`` was named), or if
@@ -208,10 +210,11 @@ def load_batch(batch_size, seed=0, data_dir=None, dataset="fashion-mnist", synth
         if data_dir is not None and not os.path.isdir(data_dir):
             raise FileNotFoundError(f"data directory {data_dir!r} does not exist")
         try:
-            images, labels, _, _ = load_dataset(dataset, data_dir, download=False, progress=False)
+            (images, labels, _, _), files = load_dataset(dataset, data_dir, download=False, progress=False,
+                                                         return_files=True)
         except FileNotFoundError:
-            if data_dir is not None:
-                raise
+            if data_dir is not None or os.environ.get("MINIRES_DATA"):
+                raise  # a folder the user named: never a synthetic batch instead
             synthetic = True
     if synthetic:
         why = "requested" if requested else f"{dataset} not found on this machine"
@@ -227,7 +230,10 @@ def load_batch(batch_size, seed=0, data_dir=None, dataset="fashion-mnist", synth
         x = ((images[idx].astype(numpy.float32) / 255 - mean) / std).astype(numpy.float32)
         y = labels[idx]
         source = f"{dataset} training images (random batch of {batch_size}, seed {seed})"
-    return backend.to_device(x), backend.to_device(y.astype(numpy.int64)), source
+        files = [f for f in files if f["role"] in ("train images", "train labels")]
+    x = x.astype(dtype)
+    batch = backend.to_device(x), backend.to_device(y.astype(numpy.int64)), source
+    return batch + ((files if not synthetic else []),) if return_files else batch
 
 
 def first_last_ratio(model, grad_norms):
@@ -286,8 +292,16 @@ def measure(model, x, y):
 
 
 def gradflow_at_init(depths=(20, 56, 110), batch=128, seed=0, batchnorm=True, zero_init_residual=False,
-                     data_dir=None, synthetic=False, dataset="fashion-mnist", shortcut="A", log=print):
+                     data_dir=None, synthetic=False, dataset="fashion-mnist", shortcut="A", log=print,
+                     dtype=numpy.float64):
     """Plain-N and ResNet-N for each depth, one batch, one backward each.
+
+    ``dtype`` float64 (the default) makes the numbers hold across machines: a
+    plain-110's gradient is a product of ~110 Jacobians, and in float32 the
+    rounding of each matrix product (which depends on the BLAS kernel: AVX2 or
+    AVX-512, OpenBLAS or MKL) moves the first/last ratio by tens of percent
+    (5.7e6 on one machine, 3.5e6 on another, same seed). In float64 the
+    machines agree to many digits. One batch is cheap enough for that.
 
     Returns ``{"models": {"plain20": {...}, "resnet20": {...}, ...}, "config": {...}}``
     where each model holds ``layers``, ``grad_norms``, ``blocks``,
@@ -299,12 +313,16 @@ def gradflow_at_init(depths=(20, 56, 110), batch=128, seed=0, batchnorm=True, ze
         if depth < 8 or (depth - 2) % 6:
             raise ValueError(f"depths must be 6n+2 with n >= 1 (8, 14, 20, 56, 110, ...), got {depth}")
     info = DATASETS[dataset]
-    x, y, source = load_batch(batch, seed, data_dir, dataset, synthetic)
+    dtype = numpy.dtype(dtype)
+    x, y, source, files = load_batch(batch, seed, data_dir, dataset, synthetic, dtype, return_files=True)
+    if files:
+        from .data import files_banner
+        log(files_banner(dataset, files))
     log(f"batch: {source}")
     models = {}
     for depth in depths:
         plain, resnet = build_pair(depth, info.channels, info.num_classes, seed, batchnorm, zero_init_residual,
-                                   shortcut=shortcut)
+                                   dtype=dtype, shortcut=shortcut)
         for name, model in ((f"plain{depth}", plain), (f"resnet{depth}", resnet)):
             start = time.perf_counter()
             models[name] = measure(model, x, y)
@@ -319,7 +337,8 @@ def gradflow_at_init(depths=(20, 56, 110), batch=128, seed=0, batchnorm=True, ze
               "shortcut": shortcut,
               "init": "He normal (fan_out) convs, PyTorch-default Linear; "
                       "plain and residual nets share their weights",
-              "conv_bias": not batchnorm, "dtype": "float32", "backend": backend.backend_name(),
+              "conv_bias": not batchnorm, "dtype": dtype.name, "backend": backend.backend_name(),
+              "data_files": files,
               "ratio": "||dL/dW|| of the first conv / ||dL/dW|| of the last conv"}
     return {"models": models, "config": config}
 
@@ -351,7 +370,10 @@ def add_parser(sub):
     p.add_argument("--shortcut", default="A", choices=["A", "B"],
                    help="where a stage changes shape: A = zero-padded identity (the paper's CIFAR choice, "
                         "default), B = 1x1 conv + BN projection")
-    p.add_argument("--data-dir", help="folder holding the Fashion-MNIST files (searched first)")
+    p.add_argument("--dtype", default="float64", choices=["float64", "float32"],
+                   help="precision of the one forward/backward (default: float64, so the numbers agree "
+                        "across machines; float32 moves with the BLAS kernel)")
+    p.add_argument("--data-dir", help="folder holding the Fashion-MNIST files; an error if it lacks them")
     p.add_argument("--synthetic", action="store_true", help="use a random batch instead of real images")
     p.add_argument("--backend", default="numpy", choices=["numpy", "cupy"])
     p.set_defaults(run=run)
@@ -364,7 +386,7 @@ def run(args):
         raise ValueError(f"--batch must be >= 2 (BatchNorm needs a batch), got {args.batch}")
     backend.set_backend(args.backend)
     data = gradflow_at_init(args.depths, args.batch, args.seed, args.batchnorm, args.zero_init_residual,
-                            args.data_dir, args.synthetic, shortcut=args.shortcut)
+                            args.data_dir, args.synthetic, shortcut=args.shortcut, dtype=args.dtype)
     os.makedirs(args.out, exist_ok=True)
     json_path = os.path.join(args.out, "gradflow.json")
     with open(json_path, "w") as f:

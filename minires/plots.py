@@ -10,13 +10,22 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 
 def plot_history(history, path, title=None):
-    """Loss and error of a training run (``history.json`` records) -> PNG.
+    """Loss and accuracy of a training run (``history.json`` records) -> PNG.
 
-    Left: per-batch training loss (thin, averaged in chunks) and per-epoch
-    train/test loss. Right: train/test accuracy per epoch.
+    Where each point sits says what it measures. A training number of epoch e
+    (loss or accuracy) is the mean over that epoch's batches, taken while the
+    weights were changing: it is drawn at e - 0.5, the middle of the epoch it
+    averages. A test number is measured once, after epoch e, with the final
+    weights in eval mode: it is drawn at e. (So in epoch 1 the training
+    accuracy, which includes the first, worst batches, can be below the test
+    accuracy.) Left: per-batch training loss (thin, averaged in chunks) on a
+    log axis with labelled ticks. Right: accuracy, with each test value labelled.
     """
-    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(11, 4))
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
+
+    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(11, 4.2))
     epochs = [r["epoch"] for r in history]
+    middles = [e - 0.5 for e in epochs]
     batch_x, batch_y = [], []
     for r in history:
         losses = r.get("batch_losses") or []
@@ -24,26 +33,35 @@ def plot_history(history, path, title=None):
             batch_x.append(r["epoch"] - 1 + (i + 1) / len(losses))
             batch_y.append(v)
     if batch_x:
-        ax_loss.plot(batch_x, batch_y, lw=0.8, alpha=0.5, color="tab:blue", label="train loss (batches)")
-    ax_loss.plot(epochs, [r["train_loss"] for r in history], "o-", color="tab:blue", label="train loss (epoch)")
-    ax_loss.plot(epochs, [r["test_loss"] for r in history], "s-", color="tab:red", label="test loss")
+        ax_loss.plot(batch_x, batch_y, lw=0.8, alpha=0.5, color="tab:blue", label="train loss, per batch")
+    ax_loss.plot(middles, [r["train_loss"] for r in history], "o", color="tab:blue",
+                 label="train loss, mean over the epoch\n(weights changing; drawn mid-epoch)")
+    ax_loss.plot(epochs, [r["test_loss"] for r in history], "s-", color="tab:red",
+                 label="test loss, after the epoch")
     ax_loss.set_xlabel("epoch")
-    ax_loss.set_ylabel("cross-entropy loss")
+    ax_loss.set_ylabel("cross-entropy loss (log scale)")
     ax_loss.set_yscale("log")
-    ax_loss.legend()
-    ax_loss.grid(alpha=0.3)
-    ax_acc.plot(epochs, [100 * r["train_acc"] for r in history], "o-", color="tab:blue", label="train")
-    ax_acc.plot(epochs, [100 * r["test_acc"] for r in history], "s-", color="tab:red", label="test")
+    ax_loss.yaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+    ax_loss.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+    ax_loss.yaxis.set_minor_formatter(NullFormatter())
+    ax_loss.legend(fontsize=8)
+    ax_loss.grid(alpha=0.3, which="both")
+    ax_acc.plot(middles, [100 * r["train_acc"] for r in history], "o", color="tab:blue",
+                label="train, mean over the epoch\n(weights changing; drawn mid-epoch)")
+    ax_acc.plot(epochs, [100 * r["test_acc"] for r in history], "s-", color="tab:red",
+                label="test, after the epoch (eval mode)")
     for e, acc in zip(epochs, [r["test_acc"] for r in history]):
-        ax_acc.annotate(f"{100 * acc:.1f}%", (e, 100 * acc), textcoords="offset points", xytext=(0, -14),
-                        ha="center", fontsize=8, color="tab:red")
+        ax_acc.annotate(f"{100 * acc:.1f}%", (e, 100 * acc), textcoords="offset points", xytext=(9, 0),
+                        ha="left", va="center", fontsize=8, color="tab:red",
+                        bbox=dict(boxstyle="round,pad=0.15", fc="white", ec="none", alpha=0.8))
     ax_acc.set_xlabel("epoch")
     ax_acc.set_ylabel("accuracy (%)")
-    ax_acc.legend()
+    ax_acc.legend(fontsize=8, loc="lower right")
     ax_acc.grid(alpha=0.3)
     if epochs:
         for ax in (ax_loss, ax_acc):
-            ax.set_xlim(0, max(epochs) + 0.2)
+            ax.set_xlim(0, max(epochs) + 0.45)
+            ax.set_xticks(range(0, max(epochs) + 1))
     if title:
         fig.suptitle(title)
     fig.tight_layout()

@@ -13,7 +13,8 @@ One training step, exactly as a learner would write it::
 (:func:`train_one_epoch` asks a ResNet's backward for ``input_grad=False``:
 the gradient of the images is not needed, and skipping it saves time.)
 
-Outputs in ``config.out``: ``history.json`` (one record per epoch),
+Outputs in ``config.out``: ``history.json`` (one record per epoch, with
+the paths and verified SHA-256 of the data files read),
 ``checkpoint.npz`` (model + optimizer + schedule + RNG state, written
 atomically after every epoch) and ``curves.png``.
 """
@@ -27,7 +28,7 @@ import numpy
 
 from . import backend, ops
 from .checkpoint import CheckpointError, check_model_config, load_checkpoint, save_checkpoint, saved_model_config
-from .data import DATASETS, DataLoader, load_dataset, subset
+from .data import DATASETS, DataLoader, files_banner, load_dataset, subset
 from .models import ResNet, build_model
 from .nn import CrossEntropyLoss
 from .optim import SGD, Adam, AdamW, CosineLR, LinearWarmup, MultiStepLR, he2016_cifar
@@ -210,7 +211,10 @@ def make_schedule(config, optimizer, total_steps):
 
 
 def load_data(config, info):
-    x_train, y_train, x_test, y_test = load_dataset(config.dataset, config.data_dir, progress=config.progress)
+    """The train and test loaders, and the list of files read (with their
+    verified SHA-256: :func:`minires.data.load_dataset`)."""
+    (x_train, y_train, x_test, y_test), files = load_dataset(
+        config.dataset, config.data_dir, progress=config.progress, return_files=True)
     if config.subset:
         x_train, y_train = subset(x_train, y_train, min(config.subset, len(y_train)), seed=config.seed)
         x_test, y_test = subset(x_test, y_test, min(config.subset, len(y_test)), seed=config.seed)
@@ -218,7 +222,7 @@ def load_data(config, info):
                               augment=augment_used(config.augment, config.dataset), flip=info.hflip,
                               mean=info.mean, std=info.std)
     test_loader = DataLoader(x_test, y_test, config.eval_batch_size, mean=info.mean, std=info.std)
-    return train_loader, test_loader
+    return train_loader, test_loader, files
 
 
 def first_nonfinite_layer(model, x):
@@ -345,7 +349,8 @@ def train(config, resume=None, log=print):
         model_state, optim_state, meta = load_checkpoint(resume)
         check_resume_config(resume, meta, config)  # names each changed flag (--model, --dataset, ...)
         check_model_config(resume, meta, model_config)  # and the model itself, as a backstop
-    train_loader, test_loader = load_data(config, info)
+    train_loader, test_loader, data_files = load_data(config, info)
+    log(files_banner(config.dataset, data_files))
     model = build_model(model_config["name"], **{k: v for k, v in model_config.items() if k != "name"})
     loss_fn = CrossEntropyLoss()
     opt = make_optimizer(config, model)
@@ -374,7 +379,8 @@ def train(config, resume=None, log=print):
                   "test_loss": test_loss, "test_acc": test_acc, "lr": lr,
                   "seconds": time.perf_counter() - epoch_start,
                   "images_per_s": images_per_s, "kernels": ops.get_kernels(),
-                  "batch_losses": _downsample(batch_losses)}
+                  "batch_losses": _downsample(batch_losses),
+                  "data_files": data_files}  # per epoch: a resumed run may read another copy
         history.append(record)
         log(f"epoch {epoch}/{config.epochs}: train loss {train_loss:.4f} acc {train_acc:.4f} | "
             f"test loss {test_loss:.4f} acc {test_acc:.4f} | {images_per_s:.0f} img/s, {record['seconds']:.0f} s")
@@ -411,15 +417,22 @@ def load_model(checkpoint):
 
 def evaluate_checkpoint(checkpoint, data_dir=None, batch_size=500, backend_name="numpy", subset_size=None):
     """Test loss and accuracy of a saved model on its dataset's test set
-    (or on a stratified subset of ``subset_size`` test images)."""
+    (or on the stratified subset of ``subset_size`` test images that training
+    with ``subset=subset_size`` and the same seed tested on); ``data_files``
+    lists the test files read, with their verified SHA-256."""
     backend.set_backend(backend_name)
     model, meta = load_model(checkpoint)
     config = TrainConfig(**{k: v for k, v in meta.get("config", {}).items() if k in {f.name for f in fields(TrainConfig)}})
     info = DATASETS[config.dataset]
-    _, _, x_test, y_test = load_dataset(config.dataset, data_dir or config.data_dir, progress=False)
-    if subset_size:
-        x_test, y_test = subset(x_test, y_test, min(subset_size, len(y_test)))
+    (_, _, x_test, y_test), files = load_dataset(config.dataset, data_dir or config.data_dir,
+                                                 progress=False, return_files=True)
+    if subset_size:  # with the run's seed: the very sample train --subset N tested on
+        x_test, y_test = subset(x_test, y_test, min(subset_size, len(y_test)), seed=config.seed)
     loader = DataLoader(x_test, y_test, batch_size, mean=info.mean, std=info.std)
     loss, acc = evaluate(model, loader)
     return {"dataset": config.dataset, "model": meta["model"]["name"], "epoch": meta.get("epoch"),
-            "test_images": len(y_test), "test_loss": loss, "test_acc": acc}
+            "test_images": len(y_test), "test_loss": loss, "test_acc": acc,
+            "data_files": [f for f in files if f["role"] in TEST_ROLES]}
+
+
+TEST_ROLES = ("test images", "test labels", "train and test")

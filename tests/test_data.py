@@ -20,7 +20,7 @@ import pytest
 
 from minires import backend
 from minires.data import (DATASETS, ChecksumError, DataError, DataLoader, DownloadError,
-                          download_file, load_dataset, locate, search_dirs, subset)
+                          download_file, files_banner, load_dataset, locate, search_dirs, subset)
 from minires.data import download as dl
 from minires.data.cifar import read_cifar10
 from minires.data.idx import read_idx, read_idx_pair
@@ -477,18 +477,85 @@ def test_not_found_names_every_place(tmp_path, monkeypatch):
     system = tmp_path / "no-system"
     monkeypatch.setitem(dl.SOURCES, "fashion-mnist", dataclasses.replace(
         dl.SOURCES["fashion-mnist"], system_dirs=(str(system),)))
-    monkeypatch.setenv("MINIRES_DATA", str(tmp_path / "env"))
+    with pytest.raises(FileNotFoundError) as info:
+        load_dataset("fashion-mnist", download=False)
+    message = str(info.value)
+    for folder in search_dirs("fashion-mnist"):
+        assert str(folder) in message
+    assert str(system) in message and "xdg-cache" in message
+    assert "apt-get install dataset-fashion-mnist" in message and "--data-dir" in message
+
+
+def system_copy(tmp_path, monkeypatch):
+    """A complete (tiny) system copy of Fashion-MNIST, which a named folder must never fall back to."""
+    system = tmp_path / "system"
+    tiny_mnist(system)
+    monkeypatch.setitem(dl.SOURCES, "fashion-mnist", dataclasses.replace(
+        dl.SOURCES["fashion-mnist"], system_dirs=(str(system),)))
+    return system
+
+
+def test_an_empty_data_dir_is_an_error_not_a_fallback(tmp_path, monkeypatch):
+    system = system_copy(tmp_path, monkeypatch)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    for download in (False, True):  # nor a download into the cache
+        with pytest.raises(FileNotFoundError) as info:
+            load_dataset("fashion-mnist", data_dir=empty, download=download, verify=False)
+        message = str(info.value)
+        assert f"named by --data-dir (data_dir=): {empty}" in message
+        for name in IDX_NAMES:  # the files it looked for
+            assert name in message
+        assert f"{empty} (missing {', '.join(IDX_NAMES)})" in message
+        assert str(system) not in message and "never falls back" in message
+    assert not (tmp_path / "xdg-cache").exists()
+
+
+def test_a_data_dir_lacking_one_file_names_it(tmp_path, monkeypatch):
+    system_copy(tmp_path, monkeypatch)
     partial = tmp_path / "mine"
     tiny_mnist(partial)
     (partial / "t10k-labels-idx1-ubyte.gz").unlink()
+    with pytest.raises(FileNotFoundError, match=r"mine \(missing t10k-labels-idx1-ubyte\.gz\)"):
+        load_dataset("fashion-mnist", data_dir=partial, verify=False)
+
+
+def test_minires_data_lacking_the_files_is_an_error(tmp_path, monkeypatch):
+    system_copy(tmp_path, monkeypatch)
+    monkeypatch.setenv("MINIRES_DATA", str(tmp_path / "env"))
     with pytest.raises(FileNotFoundError) as info:
-        load_dataset("fashion-mnist", data_dir=partial, download=False)
+        load_dataset("fashion-mnist", verify=False)
     message = str(info.value)
-    for folder in search_dirs("fashion-mnist", partial):
-        assert str(folder) in message
-    assert str(system) in message and "xdg-cache" in message
-    assert f"{partial} (missing t10k-labels-idx1-ubyte.gz)" in message
-    assert "apt-get install dataset-fashion-mnist" in message and "--data-dir" in message
+    assert f"named by MINIRES_DATA: {tmp_path / 'env'}" in message
+    assert f"{tmp_path / 'env' / 'fashion-mnist'} (no such folder)" in message
+    assert "train-images-idx3-ubyte.gz or train-images-idx3-ubyte" in message
+
+
+def test_files_read_are_returned_with_their_checksums(tmp_path):
+    arrays = tiny_mnist(tmp_path / "mine")
+    (x_train, y_train, _, _), files = load_dataset("mnist", data_dir=tmp_path / "mine", verify=False,
+                                                  return_files=True)
+    numpy.testing.assert_array_equal(y_train, arrays["train"][1])
+    assert [f["role"] for f in files] == ["train images", "train labels", "test images", "test labels"]
+    for f, name in zip(files, IDX_NAMES):
+        assert f["path"] == str(tmp_path / "mine" / name) and f["verified"] is False
+        content = gzip.decompress((tmp_path / "mine" / name).read_bytes())
+        assert f["sha256"] == hashlib.sha256(content).hexdigest() and f["of"] == "decompressed content"
+    banner = files_banner("mnist", files)
+    assert banner.splitlines()[0] == ("data: mnist, NOT verified against the published checksums "
+                                      "(verify=False or an extracted folder)")
+    assert str(tmp_path / "mine" / "t10k-labels-idx1-ubyte.gz") in banner
+
+
+def test_real_files_read_are_verified(fashion):  # (the fixture skips without the Debian package)
+    _, files = load_dataset("fashion-mnist", data_dir=FASHION_DIR, return_files=True)
+    sums = {f.name: f.payload_sha256 for f in dl.SOURCES["fashion-mnist"].files}
+    assert [f["sha256"] for f in files] == [sums[n] for n in IDX_NAMES]
+    assert all(f["verified"] for f in files)
+    banner = files_banner("fashion-mnist", files).splitlines()
+    assert banner[0] == ("data: fashion-mnist, SHA-256 of each file's decompressed content matches "
+                         "the published value")
+    assert len(banner) == 5 and str(FASHION_DIR / "train-images-idx3-ubyte.gz") in banner[1]
 
 
 def test_unknown_dataset():

@@ -181,3 +181,90 @@ def test_runnable_block(language, code, monkeypatch):
         assert proc.returncode == 0, proc.stdout + proc.stderr
     else:
         pytest.fail(f"don't know how to run a {language!r} block")
+
+
+# --- the README: its links, paths and every command it shows -----------------------
+
+README = ROOT / "README.md"
+
+#: Each command the README shows, and the cheap version of it the suite runs
+#: (same command, shortened flags). A README command missing here fails
+#: test_every_readme_command_is_run, so a new one cannot go untested.
+README_COMMANDS = {
+    "pip install -e . && python demos/seed_block.py": "python demos/seed_block.py --size 16",
+    'pip install -e ".[test]" && python -m pytest': "python -m pytest --collect-only -q tests/test_ops.py",
+    "python -m minires gradcheck": "python -m minires gradcheck",
+    "python demos/seed_block.py": "python demos/seed_block.py --size 16",
+    "python -m minires gradflow --depths 20 56 110 --out runs/gradflow --seed 0":
+        "python -m minires gradflow --depths 8 --batch 8 --out {tmp}/gradflow --seed 0",
+    "python -m minires train --subset 2000 --epochs 2 --out runs/quick":
+        "python -m minires train --subset 64 --epochs 1 --batch-size 32 --out {tmp}/quick --no-progress",
+    "python -m minires evaluate --checkpoint runs/quick/checkpoint.npz":
+        "python -m minires evaluate --checkpoint {tmp}/quick/checkpoint.npz --subset 100",
+    "python -m minires assignment make --out student/": "python -m minires assignment make --out {tmp}/student",
+    "python -m minires train --model resnet20 --dataset fashion-mnist --epochs 2 --out runs/fm --seed 0":
+        "python -m minires train --model resnet20 --dataset fashion-mnist --epochs 1 --subset 64 --out {tmp}/fm "
+        "--seed 0 --no-progress",
+}
+
+
+def readme_commands():
+    """The command lines of the README's bash blocks (comments stripped)."""
+    lines = []
+    for info, code in CODE_BLOCK.findall(README.read_text()):
+        if info.strip() == "bash":
+            lines += [re.split(r"\s+#\s", line)[0].strip() for line in code.splitlines()
+                      if line.strip() and not line.lstrip().startswith("#")]
+    return lines
+
+
+def test_readme_starts_with_the_two_setup_commands_ci_runs():
+    commands = readme_commands()
+    assert commands[:2] == ["pip install -e . && python demos/seed_block.py",
+                            'pip install -e ".[test]" && python -m pytest']
+    ci = ROOT / ".ci" / "run"
+    if ci.is_file():  # (a student copy leaves .ci/ out)
+        assert 'pip install -e ".[test]" && python -m pytest\n' in ci.read_text()
+
+
+def test_every_readme_command_is_run():
+    missing = [c for c in readme_commands() if c not in README_COMMANDS]
+    assert not missing, f"add a cheap version of these README commands to README_COMMANDS: {missing}"
+
+
+def test_readme_links_and_paths_exist():
+    text = CODE_BLOCK.sub("", README.read_text())
+    problems = [target for _, target in LINK.findall(text)
+                if not re.match(r"[a-z]+:", target) and not (ROOT / target.split("#")[0]).exists()]
+    problems += [p for p in REPO_PATH.findall(text) if not (ROOT / p).exists() and not left_out_of_this_copy(ROOT / p)]
+    assert not problems, problems
+
+
+def _have_fashion_mnist():
+    from minires.data import DataError, load_dataset
+    try:
+        load_dataset("fashion-mnist", download=False, progress=False, verify=False)
+    except (FileNotFoundError, DataError):
+        return False
+    return True
+
+
+@pytest.mark.slow  # ~50 s of subprocesses on 2 cores; the same commands run in-process in the default suite
+@pytest.mark.skipif(not _have_fashion_mnist(), reason="Fashion-MNIST not found (apt-get install dataset-fashion-mnist)")
+def test_readme_commands_run_shortened(tmp_path):
+    """Every README command, shortened, in order (evaluate reads what train wrote)."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "MINIRES_BACKEND": "numpy",
+           "PATH": os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", "")}
+    done = set()
+    for command in readme_commands():
+        short = README_COMMANDS[command].format(tmp=tmp_path)
+        if short in done:
+            continue
+        done.add(short)
+        proc = subprocess.run(["bash", "-euo", "pipefail", "-c", short], cwd=ROOT, env=env,
+                              capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, (short, proc.stdout[-2000:], proc.stderr[-2000:])
+        if "seed_block" in short:
+            assert "gradient check: PASS (worst relative error" in proc.stdout
+        if " train " in short:
+            assert "data: fashion-mnist, SHA-256 of each file's decompressed content matches" in proc.stdout

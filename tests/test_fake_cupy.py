@@ -87,9 +87,11 @@ def test_inspection_clis_on_the_stand_in(tmp_path):
     result = _run(["-m", "minires", "gradcheck"], backend="cupy")
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
     assert "all backward passes agree" in result.stdout
-    result = _run([str(ROOT / "demos" / "seed_block.py")], backend="cupy")
+    # 64x64 to be quick; tests/test_demo.py runs the full 224x224 (slow)
+    result = _run([str(ROOT / "demos" / "seed_block.py"), "--size", "64"], backend="cupy")
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
-    assert "backend:      cupy" in result.stdout and "(1, 64, 224, 224)" in result.stdout
+    assert "backend:      cupy" in result.stdout and "(1, 64, 64, 64)" in result.stdout
+    assert "gradient check: PASS" in result.stdout
     result = _run(["-m", "minires", "gradflow", "--backend", "cupy", "--depths", "20", "--batch", "8",
                    "--synthetic", "--out", str(tmp_path)])
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]

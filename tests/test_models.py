@@ -160,11 +160,16 @@ def test_summary_table():
     assert "layer4.1.conv2" in lines[0]
 
 
-def test_seed_block_demo_runs(capsys):
+def test_seed_block_demo_runs(capsys, monkeypatch):
     import pathlib
     import runpy
-    runpy.run_path(str(pathlib.Path(__file__).parent.parent / "demos" / "seed_block.py"), run_name="__main__")
+    demo = str(pathlib.Path(__file__).parent.parent / "demos" / "seed_block.py")
+    monkeypatch.setattr("sys.argv", [demo])  # the demo parses its flags (not pytest's)
+    with pytest.raises(SystemExit) as status:
+        runpy.run_path(demo, run_name="__main__")
+    assert status.value.code == 0  # 1 would be a FAIL verdict
     out = capsys.readouterr().out
+    assert "gradient check: PASS" in out
     assert "(1, 64, 224, 224)" in out
     try:
         import torch  # noqa: F401  (the demo compares with PyTorch when it can)

@@ -24,6 +24,9 @@ needs_data = pytest.mark.skipif(not have_fashion_mnist(), reason="Fashion-MNIST 
                                 "(apt-get install dataset-fashion-mnist)")
 
 
+SYSTEM_DATA = "/usr/share/datasets/fashion-mnist"  # the Debian package's folder (where have_fashion_mnist finds it)
+
+
 def tiny(out, **kw):
     base = dict(model="resnet20", dataset="fashion-mnist", epochs=2, batch_size=32, subset=96,
                 eval_batch_size=96, out=str(out), seed=0, progress=False)
@@ -38,6 +41,9 @@ def test_train_writes_history_checkpoint_and_curves(tmp_path):
     saved = json.loads((tmp_path / "history.json").read_text())
     for key in ("epoch", "train_loss", "train_acc", "test_loss", "test_acc", "lr", "seconds"):
         assert key in saved[0]
+    files = saved[0]["data_files"]  # which files the epoch trained on, with their verified checksums
+    assert [f["role"] for f in files] == ["train images", "train labels", "test images", "test labels"]
+    assert all(f["verified"] and len(f["sha256"]) == 64 and os.path.isfile(f["path"]) for f in files)
     assert saved[0]["lr"] == pytest.approx(0.1) and saved[1]["lr"] < 0.1  # cosine schedule
     assert (tmp_path / "curves.png").stat().st_size > 10_000
     model_state, optim_state, meta = load_checkpoint(str(tmp_path / "checkpoint.npz"))
@@ -200,7 +206,7 @@ def test_resume_where_output_and_progress_change(tmp_path, monkeypatch):
         interrupt_at_epoch(patch, 2)
         with pytest.raises(KeyboardInterrupt):
             train(tiny(tmp_path / "half"), log=lambda *a: None)
-    resumed = train(tiny(tmp_path / "resumed", progress=True, eval_batch_size=40, data_dir=str(tmp_path)),
+    resumed = train(tiny(tmp_path / "resumed", progress=True, eval_batch_size=40, data_dir=str(SYSTEM_DATA)),
                     resume=str(tmp_path / "half" / "checkpoint.npz"), log=lambda *a: None)
     assert [r["epoch"] for r in resumed] == [1, 2]
     assert resumed[1]["lr"] == pytest.approx(0.05)  # the cosine's middle: 3 of the run's 6 steps done
@@ -302,10 +308,59 @@ def test_cli_train_and_evaluate(tmp_path, capsys):
     out = str(tmp_path / "run")
     main(["train", "--subset", "64", "--epochs", "1", "--batch-size", "32", "--out", out, "--no-progress"])
     assert os.path.exists(os.path.join(out, "checkpoint.npz"))
-    capsys.readouterr()
-    main(["evaluate", "--checkpoint", os.path.join(out, "checkpoint.npz"), "--subset", "200", "--json"])
+    printed = capsys.readouterr().out
+    assert "data: fashion-mnist, SHA-256 of each file's decompressed content matches" in printed
+    assert "train-images-idx3-ubyte" in printed and "t10k-labels-idx1-ubyte" in printed
+    with open(os.path.join(out, "history.json")) as f:
+        trained_on = json.load(f)[0]["test_acc"]
+    checkpoint = os.path.join(out, "checkpoint.npz")
+    main(["evaluate", "--checkpoint", checkpoint, "--subset", "64", "--json"])
     result = json.loads(capsys.readouterr().out)
-    assert result["model"] == "resnet20" and result["test_images"] == 200 and 0 <= result["test_acc"] <= 1
+    assert result["model"] == "resnet20" and result["test_images"] == 64
+    assert result["test_acc"] == trained_on  # --subset N: the very sample train tested on
+    assert [f["role"] for f in result["data_files"]] == ["test images", "test labels"]
+    main(["evaluate", "--checkpoint", checkpoint, "--model", "resnet20", "--subset", "200"])
+    printed = capsys.readouterr().out
+    assert "t10k-images-idx3-ubyte" in printed and "on 200 test images" in printed
+    with pytest.raises(SystemExit) as info:
+        main(["evaluate", "--checkpoint", checkpoint, "--model", "resnet56"])
+    assert info.value.code == 2 and f"--model resnet56: {checkpoint} holds a resnet20" in capsys.readouterr().err
+
+
+def test_cli_empty_data_dir_is_an_error(tmp_path, capsys, monkeypatch):
+    """The newcomer's example: a named folder without the data never trains on another copy."""
+    monkeypatch.delenv("MINIRES_DATA", raising=False)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(SystemExit) as info:
+        main(["train", "--data-dir", str(empty), "--subset", "64", "--epochs", "1", "--out", str(tmp_path / "o")])
+    err = capsys.readouterr().err
+    assert info.value.code == 2 and err.startswith("minires train: error: dataset 'fashion-mnist' not found "
+                                                   f"in the folder named by --data-dir (data_dir=): {empty}")
+    assert "t10k-labels-idx1-ubyte.gz" in err and "never falls back" in err and "Traceback" not in err
+    assert not (tmp_path / "o").exists()
+
+
+def test_cli_unknown_flag_gets_the_commands_usage(capsys):
+    with pytest.raises(SystemExit) as info:
+        main(["evaluate", "--checkpoint", "c.npz", "--modle", "resnet20"])
+    err = capsys.readouterr().err
+    assert info.value.code == 2 and "usage: python -m minires evaluate" in err
+    assert "error: unrecognized arguments: --modle resnet20" in err
+
+
+def test_cli_help_is_grouped_and_says_why_defaults_differ(capsys):
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    shown = capsys.readouterr().out
+    for group in ("model:", "data:", "optimization:", "output:"):
+        assert f"\n{group}\n" in shown, group
+    assert "BasicBlock(...) on its own defaults to B" in " ".join(shown.split())
+    with pytest.raises(SystemExit):
+        main(["evaluate", "--help"])
+    shown = " ".join(capsys.readouterr().out.split())
+    assert "all 10,000 fashion-mnist test images unless --subset N" in shown
+    assert "train --subset N tests each epoch on a stratified sample" in shown
 
 
 @needs_data
@@ -344,7 +399,7 @@ def test_cli_help_shows_the_defaults(capsys):
                  "(default: 0.0005;", "(default: cosine;", "--subset N use a sample of N training (and at most N "
                  "test) images (default: all of them)", "(default: runs/default)"):
         assert text in shown, text
-    assert shown.count("(default: ") == 22  # every option but --help
+    assert shown.count("(default: ") == 22  # every option but --help (--kernels included)
     for command in ("evaluate", "summary", "gradcheck"):
         with pytest.raises(SystemExit):
             main([command, "--help"])
@@ -387,3 +442,16 @@ def test_resnet20_reaches_88_percent_on_fashion_mnist(tmp_path):
     """The issue's bar: 2 epochs of ResNet-20 on full Fashion-MNIST, >= 88% test accuracy."""
     history = train(TrainConfig(out=str(tmp_path), progress=False), log=print)
     assert history[-1]["test_acc"] >= 0.88
+
+
+def test_shortcut_default_agrees_with_the_python_api():
+    """``train``'s --shortcut default is that of the CIFAR ResNets it builds (the help names
+    the one exception, BasicBlock on its own)."""
+    import inspect
+
+    from minires.models.blocks import BasicBlock
+    from minires.models.resnet import CifarResNet
+
+    assert TrainConfig().shortcut == inspect.signature(CifarResNet).parameters["shortcut"].default == "A"
+    assert type(models.resnet20().layer2[0].downsample).__name__ == "ShortcutA"  # zero-padded identity
+    assert inspect.signature(BasicBlock).parameters["shortcut"].default == "B"

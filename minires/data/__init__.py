@@ -16,13 +16,13 @@ unpickler), :mod:`.download` (search order, checksums, downloads),
 :mod:`.datasets` (dataset facts, :func:`load_dataset`, :func:`subset`),
 :mod:`.loader` (:class:`DataLoader`).
 """
-from .datasets import DATASETS, DatasetInfo, get_info, load_dataset, subset
+from .datasets import DATASETS, DatasetInfo, files_banner, get_info, load_dataset, subset
 from .download import SOURCES, cache_dir, download_file, locate, search_dirs
 from .errors import ChecksumError, DataError, DownloadError
 from .loader import DataLoader
 
 __all__ = [
-    "DATASETS", "DatasetInfo", "get_info", "load_dataset", "subset",
+    "DATASETS", "DatasetInfo", "files_banner", "get_info", "load_dataset", "subset",
     "SOURCES", "cache_dir", "download_file", "locate", "search_dirs",
     "ChecksumError", "DataError", "DownloadError", "DataLoader",
 ]

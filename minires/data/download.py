@@ -9,6 +9,11 @@ Search order for dataset ``NAME`` (the first folder holding *every* file wins):
 4. the user cache ``~/.cache/minires/NAME`` (``$XDG_CACHE_HOME/minires/NAME``);
 5. download into the cache, from the dataset's canonical address and mirrors.
 
+A folder the user named (1 or 2) is a promise: if it lacks the files, that is
+an error naming the folder and the files looked for, never a quiet fall back
+to another copy (which would train on data the user did not choose). Steps
+3 to 5 are searched only when neither was given.
+
 A download is streamed into a temporary file *in the destination folder* while
 its SHA-256 is computed; only a file whose checksum matches is renamed into
 place (``os.replace``, atomic on one filesystem). A failed or interrupted
@@ -145,16 +150,33 @@ def cache_dir(name):
     return Path(root) / "minires" / name
 
 
+def named_dir(data_dir=None):
+    """The folder the user named, as ``(folder, how it was named)``, or None:
+    ``data_dir`` first, then ``$MINIRES_DATA``."""
+    if data_dir:
+        return Path(data_dir).expanduser(), "--data-dir (data_dir=)"
+    if os.environ.get("MINIRES_DATA"):
+        return Path(os.environ["MINIRES_DATA"]).expanduser(), "MINIRES_DATA"
+    return None
+
+
 def search_dirs(name, data_dir=None):
-    """The folders searched for dataset ``name``, in order (without duplicates)."""
-    dirs = []
-    for base in (data_dir, os.environ.get("MINIRES_DATA")):
-        if base:
-            base = Path(base).expanduser()
-            dirs += [base / name, base]
-    dirs += [Path(d) for d in SOURCES[name].system_dirs]
+    """The folders searched for dataset ``name``, in order (without duplicates).
+
+    A named folder (``data_dir``, else ``$MINIRES_DATA``) is searched alone:
+    ``FOLDER/NAME`` then ``FOLDER``. Otherwise the system folders, then the cache.
+    """
+    named = named_dir(data_dir)
+    if named:
+        return list(dict.fromkeys([named[0] / name, named[0]]))
+    dirs = [Path(d) for d in SOURCES[name].system_dirs]
     dirs.append(cache_dir(name))
     return list(dict.fromkeys(dirs))
+
+
+def looked_for(remote):
+    """The file names accepted for ``remote``, as one phrase."""
+    return " or ".join((remote.name,) + remote.local_names)
 
 
 def find_local(folder, remote):
@@ -257,6 +279,16 @@ def locate(name, data_dir=None, download=True, progress=True):
         paths = {f.name: find_local(folder, f) for f in source.files}
         if all(paths.values()):
             return paths
+    named = named_dir(data_dir)
+    if named:  # the user chose this folder: never another copy instead
+        folder, how = named
+        wanted = "\n  ".join(looked_for(f) for f in source.files)
+        lacks = "\n  ".join(_describe(d, source) for d in dirs)
+        raise FileNotFoundError(
+            f"dataset {name!r} not found in the folder named by {how}: {folder}\n"
+            f"looked in:\n  {lacks}\nfor the files:\n  {wanted}\n"
+            f"Put the files there or name another folder (to get them: {source.how_to_get}). "
+            "minires never falls back to another copy when a folder is named.")
     searched = "\n  ".join(_describe(d, source) for d in dirs)
     help_text = (f"To get it: {source.how_to_get}; or put {', '.join(source.names)} in a "
                  "folder and pass --data-dir FOLDER (data_dir=...) or set MINIRES_DATA")

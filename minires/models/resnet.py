@@ -11,6 +11,7 @@ A network is a chain: its child modules are assigned in the order data flows
 through them, so forward runs them in that order and backward in reverse.
 """
 from .. import nn
+from ..nn.module import CacheError
 from .blocks import BasicBlock, Bottleneck, PlainBlock, ResidualBlock
 
 
@@ -41,6 +42,9 @@ class ResNet(nn.Module):
         try:
             for layer in reversed(layers):
                 dout = layer.backward(dout)
+        except CacheError as err:  # a layer without its forward's cache: name it ("fc: Linear.backward ...")
+            self._name_failing_layer(err)
+            raise
         finally:
             stem.input_grad = True
         return dout if input_grad else None

@@ -1,5 +1,5 @@
 """Sequential: run children in order forward, in reverse order backward."""
-from .module import Module
+from .module import CacheError, Module
 
 
 class Sequential(Module):
@@ -23,6 +23,10 @@ class Sequential(Module):
 
     def backward(self, dout):
         # The chain rule, applied last layer first.
-        for _, module in reversed(self.named_children()):
-            dout = module.backward(dout)
+        try:
+            for _, module in reversed(self.named_children()):
+                dout = module.backward(dout)
+        except CacheError as err:  # name the layer that has no cache, as forward errors do
+            self._name_failing_layer(err)
+            raise
         return dout

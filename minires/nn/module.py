@@ -26,6 +26,10 @@ import numpy
 from .. import backend, ops
 
 
+class CacheError(RuntimeError):
+    """``backward`` without a matching ``forward`` (or a second one after it)."""
+
+
 def check_sizes(owner, minimum=1, **sizes):
     """Raise a ValueError unless every size is an int (or a tuple of ints) >= minimum.
 
@@ -136,10 +140,10 @@ class Module:
         or twice after one forward, is a bug in the caller and raises.
         """
         if self.cache is None:
-            raise RuntimeError(
-                f"{type(self).__name__}.backward called without a matching forward "
-                "(call forward first; each forward allows one backward)"
-            )
+            err = CacheError(f"{type(self).__name__}.backward called without a matching forward "
+                             "(call forward first; each forward allows one backward)")
+            err.minires_layer, err.minires_message = self, str(err)  # ResNet/Sequential.backward prefix its path
+            raise err
         cache, self.cache = self.cache, None
         return cache
 
