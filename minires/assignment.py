@@ -2,12 +2,12 @@
 
 The teachable parts of the source are marked with comment lines around a body::
 
-    def relu_backward(dout, cache):
+    def some_backward(dout, cache):
         \"\"\"...\"\"\"
-        # BEGIN ASSIGNMENT relu_backward
-        out = cache
-        return dout * (out > 0)
-        # END ASSIGNMENT relu_backward
+        check_some_dout(dout, cache)   # outside the markers: stays in the copy
+        # BEGIN ASSIGNMENT some_backward
+        ...                            # the body a student writes
+        # END ASSIGNMENT some_backward
 
 ``python -m minires assignment make --out DIR [--only NAMES]`` copies the
 package (and its tests) to DIR and replaces each selected body by a TODO that
@@ -33,6 +33,7 @@ worker functions.
 How to run a course with it: docs/assignments.md.
 """
 import argparse
+import ast
 import json
 import os
 import re
@@ -40,6 +41,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import traceback
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -60,6 +62,13 @@ class Part:
     doc: str       # the derivation page
     todo: str      # inputs, outputs and shapes, written into the stub
     hint: str      # shown by `grade` when the part fails
+    # What else a student copy leaves out, because it would give the body away:
+    # ("file in the package", "top-level function") pairs -- the loop twin and the
+    # engine's version -- each replaced there by a function that raises, and the
+    # CUDA kernels (names in kernels/cuda.py's source) of the same op.
+    left_out: tuple = ()
+    cuda_kernels: tuple = ()
+    points: int = 10  # default points; `grade --points FILE` overrides them
 
 
 PARTS = (
@@ -71,6 +80,8 @@ Inputs:  dout  -- upstream gradient dL/dout, any shape
          cache -- what relu_forward saved: out, the forward's output (same shape as dout)
 Returns: dx    -- dL/dx, same shape as dout; do not modify dout in place.""",
         "the cache is the forward's output: the gradient passes where the unit was active",
+        left_out=(("kernels/activation.py", "relu_backward"), ("kernels/cuda.py", "relu_backward")),
+        cuda_kernels=("relu_backward",), points=5,
     ),
     Part(
         "linear_backward", "functional/linear.py", "minires.functional.linear.linear_backward",
@@ -95,6 +106,10 @@ Returns: (loss, cache) -- loss a 0-d array: -(1/N) sum_n log p[n, labels[n]];
 Must stay finite for logits of any size (think log-sum-exp).""",
         "subtract each row's maximum before exp so nothing overflows; average over the batch; "
         "cache = (probs, labels)",
+        left_out=(("functional/loss.py", "softmax_cross_entropy_forward_naive"),
+                  ("kernels/loss.py", "softmax_cross_entropy_forward"),
+                  ("kernels/cuda.py", "softmax_cross_entropy_forward")),
+        cuda_kernels=("softmax_xent_forward",),
     ),
     Part(
         "softmax_cross_entropy_backward", "functional/loss.py",
@@ -104,6 +119,9 @@ Inputs:  dloss -- scalar upstream gradient dL_total/dloss (1.0 at the start of b
          cache -- (probs, labels): probs (N, K) softmax probabilities, labels (N,) ints
 Returns: dlogits -- (N, K); do not modify probs in place (copy first).""",
         "mind the one-hot of the labels, the 1/N of the batch mean, and the factor dloss",
+        left_out=(("kernels/loss.py", "softmax_cross_entropy_backward"),
+                  ("kernels/cuda.py", "softmax_cross_entropy_backward")),
+        cuda_kernels=("softmax_xent_backward",),
     ),
     Part(
         "batchnorm2d_backward", "functional/batchnorm.py",
@@ -118,6 +136,9 @@ Eval: mean and var are constants (the running statistics).
 Helpers in this file: _AXES = (0, 2, 3); _per_channel(v) reshapes (C,) to (1, C, 1, 1).""",
         "reduce over batch and space (axes 0, 2, 3), per channel; in training mode dx also "
         "flows through the batch mean and variance",
+        left_out=(("functional/batchnorm.py", "batchnorm2d_backward_naive"),
+                  ("kernels/batchnorm.py", "batchnorm2d_backward"), ("kernels/cuda.py", "batchnorm_backward")),
+        cuda_kernels=("bn_backward_sums", "bn_backward_dx"), points=15,
     ),
     Part(
         "maxpool2d_backward", "functional/pooling.py",
@@ -128,9 +149,12 @@ Inputs:  dout  -- (N, C, Ho, Wo) upstream gradient
                   x_shape = (N, C, H, W); argmax (N, C, Ho, Wo) holds, for every
                   output, the winning kernel offset k = i*kw + j in its window
 Returns: dx -- (N, C, H, W): each dout entry goes to the pixel that won its window.
+First check dout: _check_dout("maxpool2d", dout, expected) raises ValueError unless dout has
+the shape `expected` (that of argmax).
 Helpers in this file: _offset_view(a, i, j, stride, out_hw), _crop(dx_pad, padding, x_shape).""",
         "route each gradient to its window's arg-max; windows overlap when stride < kernel, so "
         "contributions must add; crop the padding at the end",
+        left_out=(("functional/pooling.py", "maxpool2d_backward_naive"),),
     ),
     Part(
         "conv2d_backward", "functional/conv.py", "minires.functional.conv.conv2d_backward",
@@ -141,10 +165,13 @@ Inputs:  dout  -- (N, F, Ho, Wo) upstream gradient
                   b (F,) or None
 Returns: nothing itself: set dx (N, C, H, W), dw (F, C, kh, kw) and db (F,),
          or db = None without bias; the line after this body returns them.
+Already set above: F, kh, kw, and stride = (sh, sw), padding = (ph, pw) as pairs; dout is checked.
 Helpers in this file: im2col(x, kh, kw, stride, padding) -> cols (C*kh*kw, N*Ho*Wo),
 and col2im(cols, x.shape, kh, kw, stride, padding) -> (N, C, H, W), its adjoint.""",
         "dw and db sum over the batch and all output positions; every input pixel collects "
         "(adds) one contribution per window it belongs to; cut the padding off dx",
+        left_out=(("functional/conv.py", "conv2d_backward_naive"), ("kernels/conv.py", "conv2d_backward")),
+        points=20,
     ),
     Part(
         "residual_block_backward", "models/blocks.py", "minires.models.blocks.ResidualBlock.backward",
@@ -274,6 +301,177 @@ def parse_names(values):
 
 
 # ======================================================================================
+# what else a copy leaves out: loop twins, engine versions, CUDA kernels, doc code
+# ======================================================================================
+
+#: What the functions a copy leaves out raise (tests/conftest.py skips a test that meets it).
+LEFT_OUT = "left out of this student copy"
+
+#: A doc line that marks the fenced code block right below it as the body of a part.
+DOC_ANSWER = re.compile(r"^<!-- answer: (?P<name>\w+) -->[ \t]*$")
+
+
+def _top_level_function(tree, name, rel):
+    for node in tree.body:
+        if isinstance(node, ast.FunctionDef) and node.name == name:
+            return node
+    raise ValueError(f"{rel}: no top-level function {name}() to leave out (the PARTS table is stale)")
+
+
+def leave_out_function(text, name, rel, part):
+    """``text`` with function ``name`` replaced by one that raises NotImplementedError.
+
+    The name and signature stay (imports and tests that name it keep working);
+    the docstring and body go: they would give away the body of ``part``.
+    """
+    node = _top_level_function(ast.parse(text), name, rel)
+    first = min([node.lineno] + [d.lineno for d in node.decorator_list]) - 1
+    lines = text.splitlines()
+    stub = [f"def {name}({ast.unparse(node.args)}):",
+            f'    """{LEFT_OUT[0].upper()}{LEFT_OUT[1:]}: it would give away the part {part}."""',
+            f'    raise NotImplementedError("{name} (minires/{rel}) is {LEFT_OUT}: '
+            f'it would give away the part {part}")']
+    return "\n".join(lines[:first] + stub + lines[node.end_lineno:]) + "\n"
+
+
+def _names_used(tree, skip=None):
+    """Every name the code of ``tree`` reads (names, attributes, imports), outside node ``skip``."""
+    used, stack = set(), [tree]
+    while stack:
+        node = stack.pop()
+        if node is skip:
+            continue
+        if isinstance(node, ast.Name):
+            used.add(node.id)
+        elif isinstance(node, ast.Attribute):
+            used.add(node.attr)
+        elif isinstance(node, ast.alias):
+            used.add(node.name)
+        stack.extend(ast.iter_child_nodes(node))
+    return used
+
+
+def drop_unused_private_functions(package_dir, rel):
+    """Delete the private top-level functions (``_name``) of file ``rel`` that no code
+    in the package calls any more (helpers only a left-out function called)."""
+    package_dir = Path(package_dir)
+    target = package_dir / rel
+    elsewhere = set()
+    for path in sorted(package_dir.rglob("*.py")):
+        if path != target:
+            elsewhere |= _names_used(ast.parse(path.read_text()))
+    while True:
+        text = target.read_text()
+        tree = ast.parse(text)
+        unused = next((node for node in tree.body
+                       if isinstance(node, ast.FunctionDef) and node.name.startswith("_")
+                       and node.name not in elsewhere | _names_used(tree, skip=node)), None)
+        if unused is None:
+            return
+        lines = text.splitlines()
+        first = min([unused.lineno] + [d.lineno for d in unused.decorator_list]) - 1
+        end = unused.end_lineno
+        while end < len(lines) and not lines[end].strip():
+            end += 1  # and the blank lines after it
+        target.write_text("\n".join(lines[:first] + lines[end:]) + "\n")
+
+
+def drop_cuda_kernels(text, kernels):
+    """kernels/cuda.py's text without the named kernels: each is a section of its
+    ``_SOURCE`` string that starts at a ``// ---- `` comment line."""
+    head, sep, rest = text.partition('_SOURCE = r"""\n')
+    source, sep2, tail = rest.partition('"""\n')
+    if not sep or not sep2:
+        raise ValueError("kernels/cuda.py: no _SOURCE string to leave kernels out of")
+    sections, current = [], []
+    for line in source.splitlines(keepends=True):
+        if line.startswith("// ---- ") and current:
+            sections.append(current)
+            current = []
+        current.append(line)
+    sections.append(current)
+    kept = []
+    for kernel in kernels:
+        if not any(f"__global__ void {kernel}(" in "".join(sec) for sec in sections):
+            raise ValueError(f"kernels/cuda.py: no CUDA kernel {kernel} to leave out")
+    for section in sections:
+        if not any(f"__global__ void {kernel}(" in "".join(section) for kernel in kernels):
+            kept.append("".join(section))
+    return head + sep + "".join(kept).rstrip("\n") + "\n" + sep2 + tail
+
+
+def set_textbook_only(text, ops):
+    """ops.py's text with TEXTBOOK_ONLY naming ``ops``: the seam runs the textbook's
+    (the student's) code for them, also with the fast kernels."""
+    line = re.compile(r"^TEXTBOOK_ONLY = \(\)$", re.M)
+    if not line.search(text):
+        raise ValueError("ops.py: no `TEXTBOOK_ONLY = ()` line to fill in")
+    names = "".join(f'\n    "{op}",' for op in ops)
+    return line.sub(f"TEXTBOOK_ONLY = ({names}\n)  # this copy's assigned parts", text, count=1)
+
+
+def strip_doc_answers(text, names, filename="<doc>"):
+    """A docs page without the fenced code blocks marked ``<!-- answer: NAME -->``
+    for the parts in ``names``; the prose and the math around them stay."""
+    lines, out, i = text.splitlines(), [], 0
+    while i < len(lines):
+        match = DOC_ANSWER.match(lines[i])
+        out.append(lines[i])
+        i += 1
+        if match is None:
+            continue
+        name = match["name"]
+        if name not in _PART_BY_NAME:
+            raise ValueError(f"{filename}:{i}: answer marker names no assignment part: {name!r}")
+        if i >= len(lines) or not lines[i].startswith("```"):
+            raise ValueError(f"{filename}:{i}: an answer marker must sit right above a ``` code block")
+        if name not in names:
+            continue
+        end = next((k for k in range(i + 1, len(lines)) if lines[k].startswith("```")), None)
+        if end is None:
+            raise ValueError(f"{filename}:{i + 1}: code block never closed")
+        out.append(f"*(This code block is the body of the assignment part `{name}`: it is {LEFT_OUT}.)*")
+        i = end + 1
+    return "\n".join(out) + ("\n" if text.endswith("\n") else "")
+
+
+def op_names(package_dir):
+    """The op names of the seam (``OPS`` in ops.py), read without importing it."""
+    for node in ast.parse((Path(package_dir) / "ops.py").read_text()).body:
+        if isinstance(node, ast.Assign) and any(getattr(t, "id", None) == "OPS" for t in node.targets):
+            return tuple(ast.literal_eval(node.value))
+    raise ValueError(f"{package_dir}/ops.py: no OPS tuple")
+
+
+def leave_out(out, names):
+    """Rewrite the copy at ``out`` so that nothing but the stub is left of each part in
+    ``names``: twins and engine versions raise, their CUDA kernels go, and the seam runs the textbook (the student's code) for the assigned ops."""
+    package = Path(out) / "minires"
+    touched = set()
+    for name in names:
+        part = _PART_BY_NAME[name]
+        for rel, function in part.left_out:
+            target = package / rel
+            target.write_text(leave_out_function(target.read_text(), function, rel, name))
+            touched.add(rel)
+    for rel in sorted(touched):
+        drop_unused_private_functions(package, rel)
+    kernels = [k for name in names for k in _PART_BY_NAME[name].cuda_kernels]
+    cuda = package / "kernels" / "cuda.py"
+    if kernels and cuda.is_file():
+        cuda.write_text(drop_cuda_kernels(cuda.read_text(), kernels))
+    # The ENGINE table keeps its entries (now functions that raise): the seam never
+    # takes them, since TEXTBOOK_ONLY names every assigned op.
+    ops = [name for name in names if name in op_names(package)]
+    (package / "ops.py").write_text(set_textbook_only((package / "ops.py").read_text(), ops))
+    for rel in sorted(touched | {"ops.py", "kernels/cuda.py"}):
+        compile((package / rel).read_text(), str(package / rel), "exec")  # a bug in this file otherwise
+    docs = Path(out) / "docs"
+    for page in sorted(docs.rglob("*.md")) if docs.is_dir() else ():
+        page.write_text(strip_doc_answers(page.read_text(), names, str(page)))
+
+
+# ======================================================================================
 # make
 # ======================================================================================
 
@@ -313,6 +511,8 @@ def make(out, only=None, force=False, with_docs=False, root=None):
     if out.exists() and any(out.iterdir()) and not force:
         raise ValueError(f"--out {out} exists and is not empty (use --force to replace its "
                          "minires/, tests/, demos/ and docs/)")
+    if (root / "ASSIGNMENT.md").is_file():
+        raise ValueError(f"{root} is a student copy: make handouts from the course repository")
     regions = package_regions(package)
     missing = [n for n in names if n not in regions]
     if missing:
@@ -349,6 +549,7 @@ def make(out, only=None, force=False, with_docs=False, root=None):
             text = replace_region(text, region, stub_lines(part, region.indent, doc_reference(part, out)))
         compile(text, str(target), "exec")  # a stub that does not parse is a bug in this file
         target.write_text(text)
+    leave_out(out, names)
     (out / "ASSIGNMENT.md").write_text(_assignment_readme(names, out))
     return list(names)
 
@@ -359,15 +560,15 @@ def make(out, only=None, force=False, with_docs=False, root=None):
 _SETUP = [
     "## First: install this copy",
     "",
-    "Inside this folder, in the Python environment you work in:",
+    "Inside this folder, in a fresh virtual environment (PyTorch is not needed):",
     "",
     "```bash",
-    "pip install -e .      # `minires` is now this copy (it replaces any other minires installed there)",
-    'python -c "import minires; print(minires.__file__)"   # must print a path inside this folder',
+    'pip install -e ".[test]"   # minires (this copy), NumPy, pytest, hypothesis: all the checks need',
     "```",
     "",
-    "Run the tests with `python -m pytest` (it puts this folder first on the path);",
-    "the test suite stops with an error if the `minires` it imports is not this copy's.",
+    "`minires` is now this copy: `python -c \"import minires; print(minires.__file__)\"` prints a",
+    "path inside this folder. Run the tests with `python -m pytest` (it puts this folder first",
+    "on the path); the test suite stops with an error if the `minires` it imports is not this copy's.",
 ]
 
 
@@ -387,10 +588,16 @@ def _assignment_readme(names, out):
         "the project tests its own (run these inside this folder):",
         "",
         "```bash",
-        "python -m minires assignment grade      # gradient checks + PyTorch parity, part by part",
-        "python -m minires gradcheck             # every layer and a small ResNet",
-        "python -m pytest -q tests               # the project's test suite",
+        "python -m minires assignment check PART   # one part: its gradient checks and its tests, in seconds",
+        "python -m pytest -m PART                  # the same tests alone",
+        "python -m minires assignment grade        # every part, as the grader sees it",
+        "python -m pytest                          # the whole suite: a part not written yet fails once",
         "```",
+        "",
+        "Write the parts in the order below; each needs only the ones before it, and",
+        "`check` says \"not written yet\" for a part you have not started. Once every",
+        "part passes, `python -m minires train --subset 2000 --epochs 2` trains a ResNet",
+        "on your own backward passes (the copy runs your code for every assigned op).",
         "",
         "## The parts",
         "",
@@ -436,8 +643,12 @@ def import_mismatch(path, imported):
             f"fix: `pip install -e {path}` (or `pip uninstall minires`), then grade again")
 
 
-def grade(path=None, only=None, use_torch=True, timeout=600):
+def grade(path=None, only=None, use_torch=True, timeout=600, hidden=None, points=None):
     """Grade the package at ``path`` (default: ``default_grade_path()``).
+
+    ``hidden``: a JSON file of the instructor's extra cases (:func:`load_hidden`),
+    checked after the public ones. ``points``: a JSON file {part: points} that
+    overrides the PARTS table's; a part earns its points when every check passes.
 
     The checks run in a subprocess that imports ``minires`` from ``path``; if it
     gets another one (an installed ``minires`` shadowing the copy), RuntimeError
@@ -446,19 +657,25 @@ def grade(path=None, only=None, use_torch=True, timeout=600):
     Returns a dict: ``path``, ``imported`` (the folder of the ``minires`` that was
     graded), ``torch`` (whether parity checks ran), ``parts``
     (one dict per part: ``part``, ``passed``, ``worst_rel_error``, ``hint``,
-    ``checks``, ``error``), ``passed``, ``total`` and ``score`` (a fraction).
+    ``checks``, ``error``, ``case`` and ``frames``: where the student's code raised,
+    ``points``, ``max_points``), ``passed``, ``total``, ``score`` (a fraction),
+    ``points`` and ``max_points``.
     """
     path = Path(path).resolve() if path is not None else default_grade_path()
     if not (path / "minires" / "__init__.py").is_file():
         raise ValueError(f"no minires package to grade in {path} (expected {path / 'minires' / '__init__.py'})")
     names = parse_names(only)
+    if hidden is not None:
+        load_hidden(hidden)  # a bad file is the instructor's error: say so before grading
+    table = load_points(points)
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHOME", "PYTHONSTARTUP")}
     env.update(PYTHONPATH=str(path), PYTHONDONTWRITEBYTECODE="1", MINIRES_BACKEND="numpy")
     with tempfile.TemporaryDirectory(prefix="minires-grade-") as tmp:
         results_file = Path(tmp) / "results.jsonl"
         results_file.touch()
         command = [sys.executable, "-P", str(Path(__file__).resolve()), "--worker", str(results_file),
-                   "--torch" if use_torch else "--no-torch", *names]
+                   "--torch" if use_torch else "--no-torch",
+                   str(Path(hidden).resolve()) if hidden is not None else "-", *names]
         stopped = None
         try:
             proc = subprocess.run(command, cwd=path, env=env, capture_output=True, text=True, timeout=timeout)
@@ -479,11 +696,41 @@ def grade(path=None, only=None, use_torch=True, timeout=600):
             "error": stopped or "the grading process stopped before this part",
         }
         record["hint"] = "" if record["passed"] else _hint(_PART_BY_NAME[name], record, path)
+        record["max_points"] = table[name]
+        record["points"] = table[name] if record["passed"] else 0
         parts.append(record)
     passed = sum(p["passed"] for p in parts)
     return {"path": str(path), "imported": header.get("minires"), "torch": bool(header.get("torch")),
-            "torch_requested": bool(use_torch),
-            "parts": parts, "passed": passed, "total": len(parts), "score": passed / len(parts)}
+            "torch_requested": bool(use_torch), "hidden": hidden is not None,
+            "parts": parts, "passed": passed, "total": len(parts), "score": passed / len(parts),
+            "points": sum(p["points"] for p in parts), "max_points": sum(p["max_points"] for p in parts)}
+
+
+def load_points(path=None):
+    """{part: points}: the PARTS table's, with a JSON file's ``{"part": points}`` over it."""
+    table = {p.name: p.points for p in PARTS}
+    if path is None:
+        return table
+    try:
+        given = json.loads(Path(path).read_text())
+        bad = [k for k, v in given.items() if k not in table or not isinstance(v, (int, float)) or v < 0]
+    except (OSError, ValueError, AttributeError) as err:
+        raise ValueError(f"--points {path}: expected JSON {{part: points}} ({type(err).__name__}: {err})") from None
+    if bad:
+        raise ValueError(f"--points {path}: unknown part or not a number >= 0: {', '.join(map(str, bad))}")
+    return {**table, **given}
+
+
+def gradescope_results(report):
+    """The report in Gradescope's autograder format (results.json): one test per part."""
+    tests = []
+    for p in report["parts"]:
+        tests.append({"name": p["part"], "score": p["points"], "max_score": p["max_points"],
+                      "status": "passed" if p["passed"] else "failed",
+                      "output": format_report({**report, "parts": [p]}, verbose=True).split("\n", 3)[3]
+                      .rsplit("\n\nscore:", 1)[0]})
+    return {"score": report["points"], "max_score": report["max_points"], "visibility": "visible",
+            "output": f"{report['passed']}/{report['total']} parts passed", "tests": tests}
 
 
 def _hint(part, record, root=None):
@@ -501,8 +748,8 @@ def _hint(part, record, root=None):
     return f"{where}{part.hint} (see {doc})"
 
 
-def format_report(report):
-    """The grade table as text."""
+def format_report(report, verbose=False):
+    """The grade table as text; ``verbose``: every check of every part, and where it raised."""
     width = max(len(p["part"]) for p in report["parts"])
     if report["torch"]:
         parity = " + PyTorch parity"
@@ -510,14 +757,29 @@ def format_report(report):
         parity = "; PyTorch not installed: no parity checks"
     else:
         parity = "; parity checks off (--no-torch)"
-    lines = [f"grading {report['path']}  (gradient checks{parity})",
-             "", f"{'part':<{width}}  result  worst rel. error  hint"]
+    hidden = " + the instructor's hidden cases" if report.get("hidden") else ""
+    lines = [f"grading {report['path']}  (gradient checks{parity}{hidden})",
+             "", f"{'part':<{width}}  result  points  worst rel. error  hint"]
     for p in report["parts"]:
+        points = f"{p.get('points', 0):g}/{p.get('max_points', 0):g}"
         err = p["worst_rel_error"]
         err_text = "-" if err is None else f"{err:.1e}"
-        lines.append(f"{p['part']:<{width}}  {'PASS' if p['passed'] else 'FAIL':<6}  {err_text:>15}  {p['hint']}")
+        lines.append(f"{p['part']:<{width}}  {'PASS' if p['passed'] else 'FAIL':<6}  {points:>6}  {err_text:>15}  "
+                     f"{p['hint']}")
+        if (p.get("error") or "").startswith("NotImplementedError"):
+            pass  # "not written yet" says it all
+        elif p.get("case") and p.get("error"):
+            lines.append(f"{'':<{width}}  raised in case [{p['case']}]:")
+        for frame in (p.get("frames") or ()) if not p["hint"].startswith("not written") else ():
+            lines.append(f"{'':<{width}}    {frame['file']}:{frame['line']}: {frame['code']}")
+        if verbose:
+            for c in p["checks"]:
+                rel = "-" if c["rel_error"] is None else f"{c['rel_error']:.1e}"
+                lines.append(f"{'':<{width}}    {'ok  ' if c['passed'] else 'FAIL'} {rel:>8}  {c['name']}"
+                             + (f"  ({c['message']})" if c.get("message") else ""))
     lines.append("")
-    lines.append(f"score: {report['passed']}/{report['total']} parts passed ({100 * report['score']:.0f}%); "
+    lines.append(f"score: {report['passed']}/{report['total']} parts passed ({100 * report['score']:.0f}%), "
+                 f"{report.get('points', 0):g}/{report.get('max_points', 0):g} points; "
                  f"a part passes when every check agrees to {TOLERANCE:.0e}")
     return "\n".join(lines)
 
@@ -529,7 +791,7 @@ def format_report(report):
 def add_parser(sub):
     """Register ``python -m minires assignment make | grade | list``."""
     p = sub.add_parser("assignment", help="course kit: make a student copy with stubs, grade a copy")
-    asub = p.add_subparsers(dest="assignment_command", required=True, metavar="{make,grade,list}")
+    asub = p.add_subparsers(dest="assignment_command", required=True, metavar="{make,check,grade,list}")
 
     m = asub.add_parser("make", help="write a student copy of the package with TODO stubs")
     m.add_argument("--out", required=True, metavar="DIR", help="folder for the student copy")
@@ -543,9 +805,20 @@ def add_parser(sub):
                    "folder if it holds a minires/ package, else the one this minires is installed from)")
     g.add_argument("--only", nargs="+", metavar="NAME", help="parts to grade (default: all)")
     g.add_argument("--json", action="store_true", help="print the per-part results as JSON")
+    g.add_argument("--verbose", "-v", action="store_true", help="show every check of every part")
+    g.add_argument("--points", metavar="FILE", help="JSON {part: points} over the default points table")
+    g.add_argument("--hidden", metavar="FILE", help="JSON of the instructor's extra cases (not in the handout): "
+                   '{"seed": N, "cases": {part: [case, ...]}}; see docs/assignments.md')
+    g.add_argument("--gradescope", metavar="FILE", help="also write Gradescope's results.json to FILE")
     g.add_argument("--no-torch", dest="torch", action="store_false", help="skip the PyTorch parity checks")
     g.add_argument("--timeout", type=float, default=600, help="seconds before the grader gives up (600)")
     g.set_defaults(run=run_grade)
+
+    c = asub.add_parser("check", help="one part: its gradient checks, then its tests (pytest -m PART)")
+    c.add_argument("part", metavar="PART", help="the part to check; see `list`")
+    c.add_argument("--path", metavar="DIR", help="folder holding the minires/ to check (default: as grade)")
+    c.add_argument("--no-torch", dest="torch", action="store_false", help="skip the PyTorch parity checks")
+    c.set_defaults(run=run_check)
 
     li = asub.add_parser("list", help="list the assignment parts")
     li.set_defaults(run=run_list)
@@ -563,9 +836,36 @@ def run_grade(args):
     if args.path is None and default_grade_path() != Path.cwd().resolve():
         print(f"no minires/ in the current folder: grading the installed one, in {source_root()} "
               "(use --path DIR to grade another copy)", file=sys.stderr)
-    report = grade(args.path, args.only, use_torch=args.torch, timeout=args.timeout)
-    print(json.dumps(report, indent=2) if args.json else format_report(report))
+    report = grade(args.path, args.only, use_torch=args.torch, timeout=args.timeout, hidden=args.hidden,
+                   points=args.points)
+    print(json.dumps(report, indent=2) if args.json else format_report(report, verbose=args.verbose))
+    if args.gradescope:
+        Path(args.gradescope).write_text(json.dumps(gradescope_results(report), indent=2) + "\n")
     return 0 if report["passed"] == report["total"] else 1
+
+
+def check(part, path=None, use_torch=True, out=print):
+    """``assignment check PART``: the part's gradient checks, then its tests. Returns the exit status."""
+    (name,) = parse_names([part])
+    path = Path(path).resolve() if path is not None else default_grade_path()
+    report = grade(path, [name], use_torch=use_torch)
+    result = report["parts"][0]
+    if (result.get("error") or "").startswith("NotImplementedError"):
+        out(f"{name}: not written yet (the TODO in minires/{_PART_BY_NAME[name].path})")
+        return 1
+    out(format_report(report, verbose=not result["passed"]))
+    tests = path / "tests"
+    if not tests.is_dir():
+        return 0 if result["passed"] else 1
+    env = dict(os.environ, PYTHONPATH=str(path))
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-m",
+                           f"{name} and not slow", str(tests)], cwd=path, env=env, capture_output=True, text=True)
+    out(f"\npython -m pytest -m {name}:\n" + proc.stdout.strip())
+    return 0 if result["passed"] and proc.returncode == 0 else 1
+
+
+def run_check(args):
+    return check(args.part, args.path, use_torch=args.torch)
 
 
 def run_list(args):
@@ -583,8 +883,62 @@ class CheckFailed(Exception):
     """A check could not compare (wrong shape, wrong type, ...): the message says why."""
 
 
+def _tuples(value):
+    """JSON lists -> tuples, all the way down (the hidden cases' shapes and pairs)."""
+    return tuple(_tuples(v) for v in value) if isinstance(value, list) else value
+
+
+#: The parts whose checks take extra cases (``grade --hidden FILE``), and what one case is.
+HIDDEN_CASE_FORMAT = {
+    "relu_backward": "x shape, e.g. [3, 2, 5]",
+    "batchnorm2d_backward": "[x shape (N, C, H, W), training], e.g. [[3, 4, 2, 5], true]",
+    "maxpool2d_backward": "[x shape, kernel, stride, padding], e.g. [[1, 2, 7, 5], [3, 2], 2, 1]",
+    "conv2d_backward": "[x shape, w shape, stride, padding, bias], e.g. [[1, 2, 6, 5], [3, 2, 3, 2], [1, 2], [2, 1], true]",
+}
+
+
+def load_hidden(path):
+    """``grade --hidden FILE``: {"seed": int, "cases": {part: [case, ...]}} -> (seed, cases)."""
+    try:
+        data = json.loads(Path(path).read_text())
+        seed, cases = int(data.get("seed", 12345)), data["cases"]
+        unknown = sorted(set(cases) - set(HIDDEN_CASE_FORMAT))
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:
+        raise ValueError(f"--hidden {path}: expected JSON {{\"seed\": N, \"cases\": {{part: [case, ...]}}}} "
+                         f"({type(err).__name__}: {err})") from None
+    if unknown:
+        raise ValueError(f"--hidden {path}: no hidden cases for part(s) {', '.join(unknown)}; "
+                         f"parts that take them: {', '.join(HIDDEN_CASE_FORMAT)}")
+    return seed, {name: [_tuples(c) for c in part_cases] for name, part_cases in cases.items()}
+
+
+def _student_frames(err, student):
+    """The frames of ``err``'s traceback in the student's own files: file:line and the line."""
+    here = Path(__file__).resolve()
+    frames = []
+    for frame in traceback.extract_tb(err.__traceback__):
+        path = Path(frame.filename).resolve()
+        if path != here and student in path.parents:
+            frames.append({"file": path.relative_to(student).as_posix(), "line": frame.lineno,
+                           "code": (frame.line or "").strip()})
+    return frames[-6:]
+
+
+def _run_part(name, grader, student, configs=None):
+    """Run one part's checks; returns (error, case, frames)."""
+    try:
+        if configs is None:
+            _CHECKS[name](grader)
+        else:
+            _CHECKS[name](grader, configs)
+        return None, None, []
+    except (Exception, SystemExit) as err:  # the student's code may raise anything
+        error = f"{type(err).__name__}: {err}".splitlines()[0][:300]
+        return error, getattr(grader, "case", None), _student_frames(err, student)
+
+
 def _worker_main(argv):
-    results_file, torch_flag, names = argv[0], argv[1], argv[2:]
+    results_file, torch_flag, hidden_file, names = argv[0], argv[1], argv[2], argv[3:]
     out = open(results_file, "a")
 
     def emit(record):
@@ -601,6 +955,7 @@ def _worker_main(argv):
     if mismatch:
         emit({"worker": True, "fatal": mismatch})
         return
+    seed, hidden = load_hidden(hidden_file) if hidden_file != "-" else (None, {})
     torch = None
     if torch_flag == "--torch":
         try:
@@ -610,17 +965,17 @@ def _worker_main(argv):
     emit({"worker": True, "torch": torch is not None, "minires": str(imported.parent)})
     for name in names:
         grader = _Grader(numpy, torch)
-        try:
-            _CHECKS[name](grader)
-            error = None
-        except (Exception, SystemExit) as err:  # the student's code may raise anything
-            error = f"{type(err).__name__}: {err}".splitlines()[0][:300]
+        error, case, frames = _run_part(name, grader, student)
+        if error is None and name in hidden:  # the instructor's cases, after the public ones
+            grader.rng, grader.prefix = numpy.random.default_rng(seed), "hidden: "
+            error, case, frames = _run_part(name, grader, student, hidden[name])
         checks = grader.checks
         errors = [c["rel_error"] for c in checks]
         # None when nothing was compared, or when a check failed before it could compare (wrong shape)
         worst = max(errors) if errors and error is None and None not in errors else None
         emit({"part": name, "passed": error is None and bool(checks) and all(c["passed"] for c in checks),
-              "worst_rel_error": worst, "checks": checks, "error": error})
+              "worst_rel_error": worst, "checks": checks, "error": error,
+              "case": (grader.prefix + case) if case else None, "frames": frames})
 
 
 class _Grader:
@@ -630,6 +985,7 @@ class _Grader:
         self.np, self.torch = np, torch
         self.rng = np.random.default_rng(0)
         self.checks = []
+        self.case, self.prefix = None, ""  # the case being checked; "hidden: " for the instructor's
 
     # -- comparisons -------------------------------------------------------------------
     def rel_error(self, a, b):
@@ -640,7 +996,8 @@ class _Grader:
     def record(self, name, rel_error=None, passed=None, message=""):
         if passed is None:
             passed = rel_error is not None and rel_error < TOLERANCE  # NaN fails too
-        self.checks.append({"name": name, "rel_error": rel_error, "passed": bool(passed), "message": message})
+        self.checks.append({"name": self.prefix + name, "rel_error": rel_error, "passed": bool(passed),
+                            "message": message})
 
     def compare(self, name, got, expected, what):
         """Record rel_error(got, expected) after checking that ``got`` is an array of the right shape."""
@@ -705,11 +1062,12 @@ class _Grader:
         return {name: t.grad.numpy() for name, t in tensors.items()}
 
 
-def _check_relu(g):
+def _check_relu(g, configs=((4, 5), (2, 3, 4, 4))):
     from minires.functional import activation as F
 
-    for shape in [(4, 5), (2, 3, 4, 4)]:
+    for shape in configs:
         label = f"x {shape}"
+        g.case = label
         x = g.data(*shape, low=0.05)
         out, cache = F.relu_forward(x)
         dout = g.data(*out.shape)
@@ -727,6 +1085,7 @@ def _check_linear(g):
 
     for bias in (True, False):
         label = "with bias" if bias else "no bias"
+        g.case = label
         x, w = g.data(5, 4), g.data(3, 4)
         b = g.data(3) if bias else None
         out, cache = F.linear_forward(x, w, b)
@@ -746,28 +1105,33 @@ def _check_linear(g):
 
 
 def _softmax_oracle(np, logits, labels):
-    """The grader's own softmax cross-entropy: (loss, probs)."""
-    shifted = logits - logits.max(axis=1, keepdims=True)
-    log_probs = shifted - np.log(np.exp(shifted).sum(axis=1, keepdims=True))
-    return -log_probs[np.arange(len(labels)), labels].mean(), np.exp(log_probs)
+    """The grader's own softmax cross-entropy, (loss, probs), straight from the
+    definition: right only for moderate logits (that is all it is used for)."""
+    e = np.exp(logits)
+    probs = e / e.sum(axis=1, keepdims=True)
+    return -np.log(probs[np.arange(len(labels)), labels]).mean(), probs
 
 
 def _check_softmax_forward(g):
     from minires.functional import loss as F
 
     np = g.np
-    for label, scale in (("logits ~ N(0, 9)", 3.0), ("huge logits (stability)", 1000.0)):
-        logits = g.data(6, 5) * scale
+    for label, shift in (("logits ~ N(0, 9)", 0.0), ("logits + 1000s per row (stability)", 1000.0)):
+        g.case = label
+        logits = g.data(6, 5) * 3
         labels = g.rng.integers(0, 5, 6)
-        loss, cache = g.unpack(F.softmax_cross_entropy_forward(logits, labels), 2, "(loss, cache)")
         expected_loss, expected_probs = _softmax_oracle(np, logits, labels)
+        # softmax ignores a constant added to a row: the shifted loss must equal the
+        # plain one (and stay finite, which needs a stable formula)
+        shifted = np.ascontiguousarray(logits + shift * g.rng.choice([-3.0, -1.0, 2.0, 5.0], (6, 1)))
+        loss, cache = g.unpack(F.softmax_cross_entropy_forward(shifted, labels), 2, "(loss, cache)")
         g.compare(f"{label}: loss", np.asarray(loss, dtype=np.float64), np.asarray(expected_loss), "loss")
         if not (isinstance(cache, tuple) and len(cache) == 2):
             g.record(f"{label}: cache", None, False, "cache must be the tuple (probs, labels)")
         else:
             g.compare(f"{label}: cache probs", cache[0], expected_probs, "cache[0] (probs)")
         if g.torch:
-            tloss = g.torch.nn.functional.cross_entropy(g.t(logits, False), g.torch.tensor(labels))
+            tloss = g.torch.nn.functional.cross_entropy(g.t(shifted, False), g.torch.tensor(labels))
             g.compare(f"{label}: loss vs torch", np.asarray(loss, dtype=np.float64),
                       np.asarray(tloss.item()), "loss")
 
@@ -777,6 +1141,7 @@ def _check_softmax_backward(g):
 
     np = g.np
     for label, dloss in (("dloss 1.0", 1.0), ("dloss 0.37", 0.37)):
+        g.case = label
         logits = g.data(6, 5) * 2
         labels = g.rng.integers(0, 5, 6)
         _, probs = _softmax_oracle(np, logits, labels)
@@ -793,12 +1158,13 @@ def _check_softmax_backward(g):
                       g.torch_grads(tloss, np.float64(dloss), {"z": tz})["z"], "dlogits")
 
 
-def _check_batchnorm(g):
+def _check_batchnorm(g, configs=(((4, 3, 5, 6), True), ((2, 2, 1, 3), True), ((3, 2, 4, 4), False))):
     from minires.functional import batchnorm as F
 
     np = g.np
-    for shape, training in (((4, 3, 5, 6), True), ((2, 2, 1, 3), True), ((3, 2, 4, 4), False)):
+    for shape, training in configs:
         label = f"x {shape}, {'training' if training else 'eval'}"
+        g.case = label
         c = shape[1]
         x = np.ascontiguousarray(2 + 3 * g.data(*shape))
         gamma, beta = 1 + 0.5 * g.data(c), 0.5 * g.data(c)
@@ -826,13 +1192,14 @@ def _check_batchnorm(g):
                 g.compare(f"{label}: d{k} vs torch", analytic[k], v, f"d{k}")
 
 
-def _check_maxpool(g):
+def _check_maxpool(g, configs=(((2, 3, 4, 6), 2, 2, 0), ((2, 2, 5, 5), 3, 2, 1),
+                                 ((1, 2, 4, 5), (2, 3), (1, 2), 0))):
     from minires.functional import pooling as F
 
     np = g.np
-    configs = [((2, 3, 4, 6), 2, 2, 0), ((2, 2, 5, 5), 3, 2, 1), ((1, 2, 4, 5), (2, 3), (1, 2), 0)]
     for shape, kernel, stride, padding in configs:
         label = f"x {shape}, kernel {kernel}, stride {stride}, padding {padding}"
+        g.case = label
         # distinct values 0.1 apart: no ties, and a step h never changes the arg-max
         x = np.ascontiguousarray((g.rng.permutation(int(np.prod(shape))) * 0.1).reshape(shape))
         out, cache = F.maxpool2d_forward(x, kernel, stride, padding)
@@ -847,18 +1214,21 @@ def _check_maxpool(g):
             g.compare(f"{label}: dx vs torch", dx, g.torch_grads(tout, dout, {"x": tx})["x"], "dx")
 
 
-def _check_conv(g):
+_CONV_CASES = (  # x shape, w shape, stride, padding, bias
+    ((2, 3, 5, 6), (4, 3, 3, 3), 1, 1, True),
+    ((2, 3, 7, 6), (4, 3, 3, 3), 2, 0, True),
+    ((2, 2, 5, 6), (3, 2, 2, 3), 2, 2, True),
+    ((1, 3, 4, 5), (2, 3, 3, 2), (2, 1), (1, 0), False),
+    ((2, 4, 3, 3), (5, 4, 1, 1), 1, 0, True),
+)
+
+
+def _check_conv(g, configs=_CONV_CASES):
     from minires.functional import conv as F
 
-    configs = [  # x shape, w shape, stride, padding, bias
-        ((2, 3, 5, 6), (4, 3, 3, 3), 1, 1, True),
-        ((2, 3, 7, 6), (4, 3, 3, 3), 2, 0, True),
-        ((2, 2, 5, 6), (3, 2, 2, 3), 2, 2, True),
-        ((1, 3, 4, 5), (2, 3, 3, 2), (2, 1), (1, 0), False),
-        ((2, 4, 3, 3), (5, 4, 1, 1), 1, 0, True),
-    ]
     for x_shape, w_shape, stride, padding, bias in configs:
         label = f"w {w_shape}, stride {stride}, padding {padding}" + ("" if bias else ", no bias")
+        g.case = label
         x, w = g.data(*x_shape), g.data(*w_shape)
         b = g.data(w_shape[0]) if bias else None
         out, cache = F.conv2d_forward(x, w, b, stride, padding)
@@ -918,6 +1288,7 @@ def _check_residual(g):
     np = g.np
     for shortcut in ("identity", "projection"):
         label = f"{shortcut} shortcut"
+        g.case = label
         c = 3
         x = g.data(2, c, 4, 5)
         w1, w2, w3 = 1 + 0.5 * g.data(c), 1 + 0.5 * g.data(c), 1 + 0.5 * g.data(c)

@@ -11,7 +11,7 @@ computes:
 Both lists are ordered from the input to the output of the network. In a plain
 network ``dL/dx_l`` is a product of one Jacobian per layer above ``l``; in a
 residual network every block adds its shortcut's gradient
-(``return d_branch + d_shortcut`` in ``ResidualBlock.backward``), so
+(the sum of the branch's and the shortcut's gradients in ``ResidualBlock.backward``), so
 ``dL/dx_l = dL/dx_{l+1} + (branch term)`` and the gradient cannot fade away.
 docs/gradient-flow.md shows the figures this module produces.
 

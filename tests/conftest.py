@@ -1,9 +1,15 @@
 """Shared fixtures, and a guard that the tests import this repository's minires.
 
+In a student copy of the course kit (``minires assignment make``), a test that
+runs into a part not written yet, or into a function the copy leaves out, is
+reported once per part instead of with hundreds of tracebacks: see
+:func:`pytest_runtest_makereport`.
+
 ``xp`` runs a test once per backend: NumPy always, CuPy only where CuPy and a
 GPU are present (skipped cleanly elsewhere, e.g. in CI). The active backend is
 switched for the duration of the test, so modules built inside it live there.
 """
+import re
 from pathlib import Path
 
 import numpy
@@ -55,3 +61,40 @@ def xp(request):
 @pytest.fixture
 def rng():
     return numpy.random.default_rng(1234)
+
+
+# What a stub of the course kit raises, and what a function left out of a student copy raises
+# (minires/assignment.py writes both); found in the error's text, so also in a subprocess's output.
+NOT_WRITTEN = re.compile(r"\b(\w+): not written yet(?:, see the TODO above| -- write its body)")
+LEFT_OUT = re.compile(r"(\w+) \(minires/[\w/.]+\) is left out of this student copy: "
+                      r"it would give away the part (\w+)")
+_reported = set()
+# a student copy holds ASSIGNMENT.md; in the course repository nothing is turned into a skip
+STUDENT_COPY = (REPO / "ASSIGNMENT.md").is_file()
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    """A part not written yet fails ONE test, with one line; every later test that meets
+    it is skipped, and so is a test of a function the student copy leaves out."""
+    report = (yield).get_result()
+    if not STUDENT_COPY or call.excinfo is None or report.outcome != "failed" or call.when not in ("setup", "call"):
+        return
+    # the error, its traceback (chained errors too: a CLI that caught the stub's error)
+    # and the captured output (a subprocess's)
+    text = "\n".join([f"{call.excinfo.typename}: {call.excinfo.value}", str(report.longrepr),
+                      *(content for _, content in report.sections)])
+    not_written, left_out = NOT_WRITTEN.search(text), LEFT_OUT.search(text)
+    where = (str(item.path), item.location[1] or 0)
+    if not_written:
+        part = not_written.group(1)
+        if part not in _reported:
+            _reported.add(part)
+            report.longrepr = (f"{part}: not written yet -- write its body (the TODO in minires/), "
+                               f"then run its tests: python -m minires assignment check {part}")
+            return
+        report.outcome, report.longrepr = "skipped", (*where, f"Skipped: {part} not written yet")
+    elif left_out:
+        report.outcome = "skipped"
+        report.longrepr = (*where, f"Skipped: {left_out.group(1)} is left out of this copy "
+                                   f"(it would give away {left_out.group(2)})")

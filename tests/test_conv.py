@@ -242,6 +242,7 @@ def test_col2im_counts_overlaps(impl):
 # --------------------------------------------------------------------------
 # gradient checks (float64, random upstream gradient, centered differences)
 # --------------------------------------------------------------------------
+@pytest.mark.conv2d_backward
 @pytest.mark.parametrize("case", [
     (2, 3, 5, 6, 4, (3, 3), 1, 1, True),
     (2, 2, 7, 5, 3, (3, 2), 2, 1, True),
@@ -276,6 +277,7 @@ PARITY_CASES = [
 ]
 
 
+@pytest.mark.conv2d_backward
 @pytest.mark.parametrize("case", PARITY_CASES, ids=_ids)
 @pytest.mark.parametrize("dtype,tol", [(numpy.float64, 1e-9), (numpy.float32, 1e-5)])
 def test_torch_parity(case, dtype, tol, rng):
@@ -337,6 +339,7 @@ def _is_same_case(case):
     return stride == 1 and 2 * pad[0] == kh - 1 and 2 * pad[1] == kw - 1
 
 
+@pytest.mark.conv2d_backward
 @pytest.mark.parametrize("case", [c for c in CASES if _is_same_case(c)] + [CASES[4]], ids=_ids)
 def test_input_grad_false_skips_dx_only(case, impl, xp, rng):
     """input_grad=False: dx is None, dw and db are those of the full backward
@@ -378,6 +381,7 @@ def test_bad_shapes_raise(forward, x_shape, w_shape, b_shape, stride, padding, m
         forward(x, w, b, stride, padding)
 
 
+@pytest.mark.conv2d_backward
 @pytest.mark.parametrize("forward,backward", [
     (textbook.conv2d_forward, textbook.conv2d_backward), (engine.conv2d_forward, engine.conv2d_backward),
     (conv2d_forward_naive, conv2d_backward_naive),

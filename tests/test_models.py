@@ -50,6 +50,7 @@ def test_torchvision_key_names():
     assert state["fc.weight"].shape == (1000, 512)
 
 
+@pytest.mark.residual_block_backward
 @pytest.mark.parametrize("kind", ["resnetA", "resnetB", "plain"])
 def test_whole_model_gradcheck(kind):
     backend.manual_seed(0)
@@ -88,6 +89,7 @@ def test_backward_without_input_grad():
     assert max(check_module(model.conv1, conv1_in, num_checks=4).values()) < 1e-7
 
 
+@pytest.mark.residual_block_backward
 def test_zero_init_residual_makes_blocks_identity():
     backend.manual_seed(0)
     model = models.resnet20(zero_init_residual=True)
@@ -122,6 +124,7 @@ def _parity_pairs():
     }
 
 
+@pytest.mark.residual_block_backward
 @pytest.mark.parametrize("name", ["resnet20A", "resnet20B", "plain20", "resnet18", "resnet50"])
 def test_model_parity_with_torch(name):
     torch = pytest.importorskip("torch")

@@ -44,6 +44,8 @@ def test_module_gradcheck(xp, name, factory, shape, mode):
     assert set(errors) == {"input", *module.named_parameters()}
 
 
+@pytest.mark.softmax_cross_entropy_forward
+@pytest.mark.softmax_cross_entropy_backward
 def test_cross_entropy_module(rng):
     fn = nn.CrossEntropyLoss()
     logits = rng.standard_normal((4, 3))
@@ -94,6 +96,8 @@ def test_module_parity_with_torch(index, mode, dtype, tol):
     assert max(worst.values()) <= tol, worst
 
 
+@pytest.mark.softmax_cross_entropy_forward
+@pytest.mark.softmax_cross_entropy_backward
 def test_cross_entropy_parity_with_torch(rng):
     torch = pytest.importorskip("torch")
     logits = rng.standard_normal((6, 4)) * 5

@@ -18,6 +18,7 @@ def bn_inputs(xp, rng, shape=(4, 3, 5, 6)):
     return x, gamma, beta, xp.asarray(rng.normal(0, 1, c)), xp.asarray(rng.uniform(0.5, 2, c))
 
 
+@pytest.mark.batchnorm2d_backward
 @pytest.mark.parametrize("training", [True, False])
 def test_batchnorm_gradcheck(xp, rng, training):
     x, gamma, beta, rm, rv = bn_inputs(xp, rng)
@@ -35,6 +36,7 @@ def test_batchnorm_gradcheck(xp, rng, training):
     assert max(errors.values()) < TOL, errors
 
 
+@pytest.mark.batchnorm2d_backward
 def test_batchnorm_dx_is_not_trivial(rng):
     """With a random upstream gradient, training-mode dx is far from zero (an
     all-ones upstream gradient would make it exactly zero and hide bugs)."""
@@ -81,6 +83,7 @@ def test_batchnorm_bad_shape():
         F.batchnorm2d_forward(numpy.zeros((1, 3, 1, 1)), numpy.ones(3), numpy.zeros(3), numpy.zeros(3), numpy.ones(3))
 
 
+@pytest.mark.relu_backward
 def test_relu_gradcheck(xp, rng):
     x = xp.asarray(rng.standard_normal((3, 4, 5)))
     x[xp.abs(x) < 1e-3] = 0.5  # keep away from the kink, where the derivative jumps
@@ -91,6 +94,7 @@ def test_relu_gradcheck(xp, rng):
     assert float(out.min()) >= 0
 
 
+@pytest.mark.linear_backward
 @pytest.mark.parametrize("bias", [True, False])
 def test_linear_gradcheck_and_naive(xp, rng, bias):
     x = xp.asarray(rng.standard_normal((5, 7)))
@@ -121,6 +125,8 @@ def test_flatten_roundtrip(rng):
     assert F.flatten_backward(out, cache).shape == x.shape
 
 
+@pytest.mark.softmax_cross_entropy_forward
+@pytest.mark.softmax_cross_entropy_backward
 def test_softmax_cross_entropy_gradcheck_and_naive(xp, rng):
     logits = xp.asarray(rng.standard_normal((6, 5)) * 3)
     labels = xp.asarray(rng.integers(0, 5, 6))
@@ -135,6 +141,7 @@ def test_softmax_cross_entropy_gradcheck_and_naive(xp, rng):
     assert errors["logits"] < TOL
 
 
+@pytest.mark.softmax_cross_entropy_forward
 def test_softmax_cross_entropy_is_stable_for_huge_logits():
     logits = numpy.array([[1e4, -1e4, 0.0], [-1e4, -1e4, 1e4]], dtype=numpy.float32)
     labels = numpy.array([1, 2])

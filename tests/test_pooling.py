@@ -69,6 +69,7 @@ def test_fast_matches_naive(kind, case, rng):
     _assert_close(backward(dout, cache), backward_naive(dout, cache_n))
 
 
+@pytest.mark.maxpool2d_backward
 @pytest.mark.parametrize("case", CASES, ids=_ids)
 def test_maxpool_ties_go_to_the_first_argmax(case, rng):
     """Small integers make ties common; fast and naive both pick the first."""
@@ -81,6 +82,7 @@ def test_maxpool_ties_go_to_the_first_argmax(case, rng):
     _assert_close(maxpool2d_backward(dout, cache), maxpool2d_backward_naive(dout, cache_n))
 
 
+@pytest.mark.maxpool2d_backward
 def test_maxpool_gradient_is_a_switch():
     x = numpy.array([[[[1.0, 5.0], [3.0, 2.0]]]])
     out, cache = maxpool2d_forward(x, 2)
@@ -121,6 +123,7 @@ def test_global_avgpool_is_the_channel_mean(rng):
 # --------------------------------------------------------------------------
 # gradient checks
 # --------------------------------------------------------------------------
+@pytest.mark.maxpool2d_backward
 @pytest.mark.parametrize("kind", ["max", "avg"])
 @pytest.mark.parametrize("impl", ["fast", "naive"])
 @pytest.mark.parametrize("case", [CASES[1], CASES[3], CASES[4]], ids=_ids)
@@ -155,6 +158,7 @@ def _torch_pool(torch, kind, tx, kernel, stride, padding):
     return F.avg_pool2d(tx, kernel, stride, padding)  # count_include_pad=True by default
 
 
+@pytest.mark.maxpool2d_backward
 @pytest.mark.parametrize("kind", ["max", "avg"])
 @pytest.mark.parametrize("case", CASES, ids=_ids)
 @pytest.mark.parametrize("dtype,tol", [(numpy.float64, 1e-9), (numpy.float32, 1e-6)])
@@ -239,6 +243,7 @@ def test_bad_arguments_raise(kind, impl, shape, kernel, stride, padding, match):
         forward(numpy.zeros(shape), kernel, stride, padding)
 
 
+@pytest.mark.maxpool2d_backward
 @pytest.mark.parametrize("kind", ["max", "avg"])
 @pytest.mark.parametrize("impl", [0, 2])  # fast, naive
 def test_backward_checks_dout_shape(kind, impl, rng):
