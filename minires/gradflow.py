@@ -95,44 +95,27 @@ class GradientRecorder:
                 "blocks": self.blocks, "input_grad_norms": self.input_grad_norms}
 
 
-def _wrap_backward(module, after):
-    """Make ``module.backward`` call the original, then ``after(dout, dx)``."""
-    original = module.backward  # the bound class method (or an earlier wrapper)
-
-    def recording_backward(dout):
-        dx = original(dout)
-        after(dx)
-        return dx  # exactly the array the original returned: nothing changes
-
-    module.backward = recording_backward  # an instance attribute shadows the method
-    return original
-
-
 @contextmanager
 def record_gradients(model):
     """Record per-layer weight-gradient norms and per-block input-gradient norms
     during every ``backward`` inside the ``with`` block; yields a
-    :class:`GradientRecorder`. The model's methods are restored on exit, even
-    after an exception."""
+    :class:`GradientRecorder`. The recording runs as hooks (``Module.hooks``)
+    around the layers' and blocks' backward, removed on exit, even after an
+    exception; what backward returns is unchanged."""
     layers, block_list = weight_layers(model), blocks(model)
     rec = GradientRecorder([n for n, _ in layers], [n for n, _ in block_list])
-    saved = []
-    try:
-        for name, m in layers:
-            def after(dx, _m=m, _name=name):
-                rec._weight[_name] = _norm(_m.grads["weight"])
-            saved.append((m, "backward" in vars(m), _wrap_backward(m, after)))
-        for name, m in block_list:
-            def after(dx, _name=name):
-                rec._input[_name] = _norm(dx)
-            saved.append((m, "backward" in vars(m), _wrap_backward(m, after)))
+    weight_layer_names = {n for n, _ in layers}
+
+    def record(name, m, backward, dout):
+        dx = backward(dout)
+        if name in weight_layer_names:
+            rec._weight[name] = _norm(m.grads["weight"])  # after backward added into it
+        else:
+            rec._input[name] = _norm(dx)  # the gradient at the block's input
+        return dx
+
+    with model.hooks(backward=record, modules=layers + block_list):
         yield rec
-    finally:
-        for m, had_own, original in saved:
-            if had_own:
-                m.backward = original
-            else:
-                del m.backward  # back to the class's method
 
 
 # --- a network without BatchNorm -------------------------------------------------
