@@ -427,12 +427,9 @@ SIMPLE_SOLUTIONS = {
     "conv2d_backward": """
         x, w, b, _, _ = cache
         g = dout.transpose(1, 0, 2, 3).reshape(F, -1)           # (F, N*Ho*Wo)
-        grad_w = (g @ im2col(x, kh, kw, stride, padding).T).reshape(w.shape)
-        grad_b = None if b is None else dout.sum(axis=(0, 2, 3))
-        grad_x = None
-        if input_grad:
-            grad_x = col2im(w.reshape(F, -1).T @ g, x.shape, kh, kw, stride, padding)
-        return grad_x, grad_w, grad_b
+        dw = (g @ im2col(x, kh, kw, stride, padding).T).reshape(w.shape)
+        db = None if b is None else dout.sum(axis=(0, 2, 3))
+        dx = col2im(w.reshape(F, -1).T @ g, x.shape, kh, kw, stride, padding)
     """,
     "residual_block_backward": """
         d = self.relu.backward(dout)
@@ -624,10 +621,8 @@ def test_simple_solutions_pass_the_copys_whole_suite(tmp_path):
     A.make(tmp_path, with_docs=True)
     solve(tmp_path)
     result = copy_pytest(tmp_path)
-    tail = result.stdout[-3000:]
-    # (test_cli_help_shows_the_defaults fails in the repository too, at the time of writing)
-    failed = re.findall(r"^FAILED (\S+)", result.stdout, re.M)
-    assert result.returncode == 0 or failed == ["tests/test_train.py::test_cli_help_shows_the_defaults"], tail
+    assert result.returncode == 0, result.stdout[-3000:]
+    assert re.search(r"[1-9]\d* passed", result.stdout)
 
 
 def test_simple_solutions_pass_the_copys_tests_of_their_parts(tmp_path):
