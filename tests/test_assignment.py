@@ -8,6 +8,7 @@ import ast
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -763,3 +764,70 @@ def test_a_fresh_handouts_notebook_stops_at_its_first_check_with_not_written_yet
     setup = next(cell for cell in notebook.cells if cell.cell_type == "code")
     assert setup.outputs[0]["text"] == f"minires from {fresh_handout / 'minires'}\n"
 
+
+# --- docs/assignments.md: the instructor's path, run as written ----------------------------
+
+ASSIGNMENTS_DOC = ROOT / "docs" / "assignments.md"
+
+#: The commands of the instructor's path that the test below does not run, and why.
+NOT_RUN = {
+    'pip install -e ".[test,notebooks]"': "installs packages into this Python, which has them (setup.cfg's extras)",
+    "jupyter notebook notebooks/": "opens a browser; tests/test_notebooks.py runs every notebook with nbclient",
+    "python -m pytest -q": "the handout's whole suite (minutes): test_simple_solutions_pass_the_copys_whole_suite, "
+                           "marked slow, runs it",
+    "python -m minires train --subset 2000 --epochs 1": "a real training run; tests/test_train.py trains the same "
+                                                         "way on smaller subsets",
+}
+
+
+def instructors_path():
+    """The bash blocks of sections "1." to "8." of docs/assignments.md, in order."""
+    blocks = []
+    for section in re.split(r"^## ", ASSIGNMENTS_DOC.read_text(), flags=re.M):
+        if re.match(r"[1-8]\. ", section):
+            blocks += [code for info, code in re.findall(r"^```(\S*)[^\n]*\n(.*?)^```", section, re.S | re.M)
+                       if info == "bash"]
+    return blocks
+
+
+@pytest.mark.slow  # ~40 s of subprocesses on 2 cores (CI runs it: pytest -m slow)
+def test_the_instructors_path_runs_as_written(tmp_path):
+    """Every command of the instructor's path, in order, in a scratch folder; between
+    two blocks the test does what a person does: a student writes a correct solution
+    into the handout (before the block that starts with `cd handout`), the instructor
+    collects it as submissions/alice (before the first block that grades it)."""
+    blocks = instructors_path()
+    assert len(blocks) >= 8
+    env = dict(os.environ, PYTHONPATH=str(ROOT), MINIRES_BACKEND="numpy",
+               PATH=os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", ""))
+    skipped, outputs = set(), []
+    for block in blocks:
+        kept = []
+        for line in block.splitlines():
+            command = re.split(r"\s+#\s", line)[0].strip()
+            if command in NOT_RUN:
+                skipped.add(command)
+            else:
+                kept.append(line)
+        script = "\n".join(kept)
+        if script.startswith("cd handout"):
+            solve(tmp_path / "handout")
+        alice = tmp_path / "submissions" / "alice"
+        if "submissions/" in script and not alice.exists():
+            shutil.copytree(tmp_path / "handout", alice, ignore=shutil.ignore_patterns("__pycache__"))
+        proc = subprocess.run(["bash", "-euo", "pipefail", "-c", script], cwd=tmp_path, env=env,
+                              capture_output=True, text=True, timeout=900)
+        assert proc.returncode == 0, (script, proc.stdout[-3000:], proc.stderr[-3000:])
+        outputs.append(proc.stdout)
+    assert skipped == set(NOT_RUN), "a command in NOT_RUN is no longer in docs/assignments.md"
+    everything = "\n".join(outputs)
+    assert "score: 0/8 parts passed" in everything                     # the fresh handout, graded
+    assert "relu_backward: PASS" in everything or re.search(r"relu_backward +PASS", everything)
+    assert json.loads((tmp_path / "alice.json").read_text())["passed"] == len(A.PARTS)
+    assert json.loads((tmp_path / "scores" / "alice.json").read_text())["passed"] == len(A.PARTS)
+    results = json.loads((tmp_path / "results.json").read_text())     # the last grade: points, hidden cases
+    table = A.load_points(tmp_path / "points.json")
+    assert results["score"] == results["max_score"] == sum(table.values()) != 100
+    assert len(results["tests"]) == len(A.PARTS)
+    week3 = sorted(p.suffix for p in (tmp_path / "week3" / "notebooks").iterdir())
+    assert week3 == [".ipynb" if A.notebook_format() == "ipynb" else ".py"]
