@@ -30,6 +30,10 @@ This file is also the grading worker: the grader runs it as a script
 standard library; ``numpy`` and the student's ``minires`` are imported in the
 worker functions.
 
+``make`` also writes the notebooks (``notebooks/*.py`` in the course repository,
+jupytext percent format) into the copy as ``.ipynb``; each notebook's check
+cells call :func:`check_parts`.
+
 How to run a course with it: docs/assignments.md.
 """
 import argparse
@@ -190,6 +194,17 @@ Returns: dx -- (N, C_in, H, W), the gradient of the block's input x.""",
 
 PART_NAMES = tuple(p.name for p in PARTS)
 _PART_BY_NAME = {p.name: p for p in PARTS}
+
+#: The notebooks, in the order students work through them: ``notebooks/STEM.py`` in the
+#: course repository (jupytext percent format), and the parts whose checks each runs.
+NOTEBOOKS = (
+    ("1-relu-linear-softmax", ("relu_backward", "linear_backward", "softmax_cross_entropy_forward",
+                               "softmax_cross_entropy_backward")),
+    ("2-batchnorm", ("batchnorm2d_backward",)),
+    ("3-pool-conv", ("maxpool2d_backward", "conv2d_backward")),
+    ("4-residual-block", ("residual_block_backward",)),
+)
+assert [n for _, parts in NOTEBOOKS for n in parts] == list(PART_NAMES)  # every part once, in PARTS order
 
 
 # ======================================================================================
@@ -492,6 +507,7 @@ def make(out, only=None, force=False, with_docs=False, root=None):
     out/tests/    the test suite (minus the instructor's tests of this kit)
     out/demos/    the demo scripts (a test runs them)
     out/docs/     only with ``with_docs`` (the derivations state every formula)
+    out/notebooks/  the notebooks of the selected parts (:func:`write_notebooks`)
     out/ASSIGNMENT.md  the parts, their TODOs and how to check them
     out/pyproject.toml, setup.cfg, README.md  so that `pip install -e .` works there
 
@@ -510,7 +526,7 @@ def make(out, only=None, force=False, with_docs=False, root=None):
         raise ValueError(f"--out {out} exists and is not a folder")
     if out.exists() and any(out.iterdir()) and not force:
         raise ValueError(f"--out {out} exists and is not empty (use --force to replace its "
-                         "minires/, tests/, demos/ and docs/)")
+                         "minires/, tests/, demos/, docs/ and notebooks/)")
     if (root / "ASSIGNMENT.md").is_file():
         raise ValueError(f"{root} is a student copy: make handouts from the course repository")
     regions = package_regions(package)
@@ -550,8 +566,58 @@ def make(out, only=None, force=False, with_docs=False, root=None):
         compile(text, str(target), "exec")  # a stub that does not parse is a bug in this file
         target.write_text(text)
     leave_out(out, names)
+    write_notebooks(root, out, names)
     (out / "ASSIGNMENT.md").write_text(_assignment_readme(names, out))
     return list(names)
+
+
+def notebook_format():
+    """What ``make`` writes the notebooks as: "ipynb" where jupytext is installed
+    (``pip install -e ".[notebooks]"``), else "py" (the percent-format sources)."""
+    try:
+        import jupytext  # noqa: F401
+    except ImportError:
+        return "py"
+    return "ipynb"
+
+
+def write_notebooks(root, out, names):
+    """Write the notebooks that check any of the parts ``names`` into ``out/notebooks/``;
+    returns the files written.
+
+    The sources are ``root/notebooks/STEM.py`` (:data:`NOTEBOOKS`), in jupytext's
+    percent format. With jupytext installed each becomes ``STEM.ipynb`` (no outputs);
+    without it the ``.py`` file is copied as it is (Jupyter with jupytext, VS Code
+    and plain ``python`` all run it), so that making a handout never needs the
+    notebooks extra. A course repository without ``notebooks/`` writes none.
+    """
+    source = Path(root) / "notebooks"
+    if not source.is_dir():
+        return []
+    dest = Path(out) / "notebooks"
+    if dest.exists():
+        shutil.rmtree(dest)
+    dest.mkdir(parents=True)
+    as_ipynb = notebook_format() == "ipynb"
+    written = []
+    for stem, parts in NOTEBOOKS:
+        if not set(parts) & set(names):
+            continue
+        path = source / f"{stem}.py"
+        if not path.is_file():
+            raise ValueError(f"{path} is missing (NOTEBOOKS in minires/assignment.py names it)")
+        if as_ipynb:
+            import jupytext
+
+            notebook = jupytext.read(path, fmt="py:percent")
+            notebook.metadata.pop("jupytext", None)  # a plain notebook, not paired with a .py
+            target = dest / f"{stem}.ipynb"
+            jupytext.write(notebook, target, fmt="ipynb")
+        else:
+            target = dest / path.name
+            shutil.copy2(path, target)
+        written.append(target)
+    return written
 
 
 # The first thing a student does in the copy: make `minires` mean the copy. An
@@ -563,13 +629,33 @@ _SETUP = [
     "Inside this folder, in a fresh virtual environment (PyTorch is not needed):",
     "",
     "```bash",
-    'pip install -e ".[test]"   # minires (this copy), NumPy, pytest, hypothesis: all the checks need',
+    'pip install -e ".[test,notebooks]"   # minires (this copy), NumPy, pytest, Jupyter: all the checks and notebooks need',
     "```",
     "",
     "`minires` is now this copy: `python -c \"import minires; print(minires.__file__)\"` prints a",
     "path inside this folder. Run the tests with `python -m pytest` (it puts this folder first",
     "on the path); the test suite stops with an error if the `minires` it imports is not this copy's.",
 ]
+
+
+def _notebook_lines(names, out):
+    """ASSIGNMENT.md's section on the notebooks the copy at ``out`` holds."""
+    files = {p.stem: p.name for p in sorted((Path(out) / "notebooks").glob("*")) if p.is_file()}
+    rows = [(files[stem], [n for n in parts if n in names]) for stem, parts in NOTEBOOKS if stem in files]
+    if not rows:
+        return []
+    lines = ["## The notebooks", "",
+             "Work through them in this order: `jupyter notebook notebooks/` (or open them in",
+             "VS Code). Each states the math of its parts, checks each part in a cell (the grader's",
+             "checks, as `assignment check PART` runs them; a part not written yet says so), asks a",
+             "few questions to answer in the notebook, and runs one small experiment on your own code.", "",
+             "| notebook | parts |", "|---|---|"]
+    lines += [f"| `notebooks/{name}` | {', '.join(f'`{n}`' for n in parts)} |" for name, parts in rows]
+    if any(name.endswith(".py") for name, _ in rows):
+        lines += ["", "(They are percent-format `.py` files: the copy was made without jupytext.",
+                  "Jupyter opens them as notebooks once `jupytext` is installed, which the",
+                  "install command above does.)"]
+    return lines + [""]
 
 
 def _assignment_readme(names, out):
@@ -599,6 +685,7 @@ def _assignment_readme(names, out):
         "part passes, `python -m minires train --subset 2000 --epochs 2` trains a ResNet",
         "on your own backward passes (the copy runs your code for every assigned op).",
         "",
+        *_notebook_lines(names, out),
         "## The parts",
         "",
         "| part | where | derivation |",
@@ -797,7 +884,8 @@ def add_parser(sub):
     m.add_argument("--out", required=True, metavar="DIR", help="folder for the student copy")
     m.add_argument("--only", nargs="+", metavar="NAME", help="parts to stub (default: all); see `list`")
     m.add_argument("--with-docs", action="store_true", help="also copy docs/ (it states every formula)")
-    m.add_argument("--force", action="store_true", help="replace minires/, tests/, demos/, docs/ in a non-empty DIR")
+    m.add_argument("--force", action="store_true",
+                   help="replace minires/, tests/, demos/, docs/, notebooks/ in a non-empty DIR")
     m.set_defaults(run=run_make)
 
     g = asub.add_parser("grade", help="grade a copy part by part; exit status 1 unless all pass")
@@ -827,6 +915,13 @@ def add_parser(sub):
 def run_make(args):
     names = make(args.out, args.only, force=args.force, with_docs=args.with_docs)
     print(f"student copy in {Path(args.out).resolve()}: {len(names)} part(s) stubbed: {', '.join(names)}")
+    notebooks = sorted(p.name for p in (Path(args.out) / "notebooks").glob("*") if p.is_file())
+    if notebooks and notebook_format() == "py":
+        print("jupytext is not installed: the notebooks are in notebooks/ as percent-format .py files "
+              "(open them with Jupyter + jupytext or VS Code); for .ipynb files: "
+              "pip install -e \".[notebooks]\", then make again with --force")
+    elif notebooks:
+        print(f"notebooks: {', '.join(notebooks)}")
     print("see ASSIGNMENT.md there; grade it with: "
           f"python -m minires assignment grade --path {Path(args.out).resolve()}")
     return 0
@@ -851,7 +946,7 @@ def check(part, path=None, use_torch=True, out=print):
     report = grade(path, [name], use_torch=use_torch)
     result = report["parts"][0]
     if (result.get("error") or "").startswith("NotImplementedError"):
-        out(f"{name}: not written yet (the TODO in minires/{_PART_BY_NAME[name].path})")
+        out(_not_written_line(name))
         return 1
     out(format_report(report, verbose=not result["passed"]))
     tests = path / "tests"
@@ -862,6 +957,61 @@ def check(part, path=None, use_torch=True, out=print):
                            f"{name} and not slow", str(tests)], cwd=path, env=env, capture_output=True, text=True)
     out(f"\npython -m pytest -m {name}:\n" + proc.stdout.strip())
     return 0 if result["passed"] and proc.returncode == 0 else 1
+
+
+class PartsNotPassing(Exception):
+    """Raised by :func:`check_parts` (a notebook's check cell) when a part does not pass."""
+
+
+def _not_written_line(name):
+    return f"{name}: not written yet (the TODO in minires/{_PART_BY_NAME[name].path})"
+
+
+def check_parts(*names, path=None, use_torch=True, out=print):
+    """A notebook's check cell: grade the parts ``names`` of the copy this ``minires``
+    comes from (default: :func:`source_root`), one line per part; raise
+    :class:`PartsNotPassing` unless every part passes.
+
+    The checks are ``grade``'s, run in a fresh process, so an edit of the student's
+    file counts at once, without restarting the notebook's kernel. Returns None (a
+    notebook would display a returned report under the verdict lines).
+    """
+    if not names:
+        raise ValueError("check_parts: name the parts to check, e.g. check_parts('relu_backward')")
+    names = parse_names(names)
+    report = grade(path if path is not None else source_root(), names, use_torch=use_torch)
+    failed = []
+    for p in report["parts"]:
+        name = p["part"]
+        if (p.get("error") or "").startswith("NotImplementedError"):
+            line = _not_written_line(name)
+        elif p["passed"]:
+            line = (f"{name}: PASS ({len(p['checks'])} checks, worst relative error "
+                    f"{p['worst_rel_error']:.1e}{', with PyTorch parity' if report['torch'] else ''})")
+        else:
+            line = f"{name}: FAIL {p['hint']}"
+            if p.get("case") and p.get("error"):
+                line += f"\n    raised in case [{p['case']}]: {p['error']}"
+            line += "".join(f"\n    {f['file']}:{f['line']}: {f['code']}" for f in p.get("frames") or ())
+        out(line)
+        if not p["passed"]:
+            failed.append(line.splitlines()[0])
+    if failed:
+        raise PartsNotPassing("; ".join(failed))
+
+
+def notebook_setup(cwd=None, out=print):
+    """A notebook's first cell: say which ``minires`` the notebook runs, and refuse one
+    that is not the copy around the notebook (``COPY/notebooks/x.ipynb`` must run
+    ``COPY/minires``; an installed course repository would run the reference code)."""
+    root = source_root()
+    here = Path.cwd() if cwd is None else Path(cwd)
+    beside = here.resolve().parent
+    if (beside / "minires" / "__init__.py").is_file() and beside != root.resolve():
+        raise RuntimeError(f"this notebook sits in {beside}, but it imported minires from {root / 'minires'}: "
+                           f"its checks and experiments would run that code. Fix: `pip install -e "
+                           f"\".[test,notebooks]\"` in {beside}, then restart the kernel")
+    out(f"minires from {root / 'minires'}")
 
 
 def run_check(args):

@@ -65,7 +65,8 @@ def rng():
 
 # What a stub of the course kit raises, and what a function left out of a student copy raises
 # (minires/assignment.py writes both); found in the error's text, so also in a subprocess's output.
-NOT_WRITTEN = re.compile(r"\b(\w+): not written yet(?:, see the TODO above| -- write its body)")
+# (and what `assignment check` and a notebook's check cell print: "NAME: not written yet (the TODO in ...)")
+NOT_WRITTEN = re.compile(r"\b(\w+): not written yet(?:, see the TODO above| -- write its body| \(the TODO in)")
 LEFT_OUT = re.compile(r"(\w+) \(minires/[\w/.]+\) is left out of this student copy: "
                       r"it would give away the part (\w+)")
 _reported = set()

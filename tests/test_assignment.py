@@ -8,6 +8,7 @@ import ast
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -40,6 +41,10 @@ def set_body(copy_root, name, lines):
     text = target.read_text()
     region = next(r for r in A.find_regions(text) if r.name == name)
     target.write_text(A.replace_region(text, region, lines))
+
+
+#: The copy's one install command: everything its checks and notebooks need (setup.cfg's extras).
+INSTALL = 'pip install -e ".[test,notebooks]"'
 
 
 def by_part(report):
@@ -134,8 +139,8 @@ def test_make_stubs_only_the_marked_bodies(tmp_path):
     assert "ResidualBlock" not in readme
     # the first step, in both: install the copy itself, and run the tests with `python -m pytest`
     for text in (assignment, readme):
-        assert text.index('pip install -e ".[test]"') < text.index("python -m pytest")
-        assert text.index('pip install -e ".[test]"') < text.find("## The parts") or "## The parts" not in text
+        assert text.index(INSTALL) < text.index("python -m pytest")
+        assert text.index(INSTALL) < text.find("## The parts") or "## The parts" not in text
 
 
 def test_make_only_and_with_docs(tmp_path):
@@ -512,6 +517,7 @@ def test_a_fresh_handout_holds_no_line_of_any_answer(tmp_path):
     of an assigned part gives its body away, in a copy made --with-docs too."""
     A.make(tmp_path, with_docs=True)
     assert leaks(tmp_path) == []
+    assert leaks(ROOT / "notebooks") == []  # the notebooks' sources too (a handout's .ipynb is JSON-escaped)
     # the check itself finds a body pasted back
     solve_reference = reference_bodies()["conv2d_backward"]
     set_body(tmp_path, "conv2d_backward", solve_reference)
@@ -632,3 +638,191 @@ def test_simple_solutions_pass_the_copys_tests_of_their_parts(tmp_path):
     result = copy_pytest(tmp_path, "-m", " or ".join(A.PART_NAMES))
     assert result.returncode == 0, result.stdout[-3000:]
     assert re.search(r"[1-9]\d* passed", result.stdout)
+
+
+# --- notebooks: make writes them, their check cells, a fresh handout's first check ---------
+
+JUPYTER_MISSING = [m for m in ("jupytext", "nbformat", "nbclient", "ipykernel")
+                   if __import__("importlib.util").util.find_spec(m) is None]
+needs_jupyter = pytest.mark.skipif(bool(JUPYTER_MISSING), reason=f"{', '.join(JUPYTER_MISSING)} not installed "
+                                   '(pip install -e ".[notebooks]")')
+
+
+def test_the_install_command_installs_what_the_notebooks_need():
+    import configparser
+
+    config = configparser.ConfigParser()
+    config.read(ROOT / "setup.cfg")
+    extras = config["options.extras_require"]
+    notebooks = [re.match(r"[\w-]+", line).group(0) for line in extras["notebooks"].split("\n") if line.strip()]
+    assert {"jupytext", "nbformat", "nbclient", "ipykernel", "notebook"} <= set(notebooks)
+    assert not set(notebooks) & {re.match(r"[\w-]+", line).group(0)
+                                 for line in config["options"]["install_requires"].split("\n") if line.strip()}
+    assert INSTALL.split('"')[1] == ".[test,notebooks]" and {"test", "notebooks"} <= set(extras)
+    ci = ROOT / ".ci" / "run"
+    assert 'pip install -q -e ".[notebooks]"' in ci.read_text()  # so CI runs the notebook tests
+
+
+def test_make_without_jupytext_writes_the_percent_files_and_says_so(tmp_path, monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "jupytext", None)  # import jupytext -> ImportError
+    assert A.notebook_format() == "py"
+    args = __import__("argparse").Namespace(out=str(tmp_path / "h"), only=["conv2d_backward"], force=False,
+                                            with_docs=False)
+    assert A.run_make(args) == 0
+    said = capsys.readouterr().out
+    assert "jupytext is not installed" in said and "percent-format .py" in said
+    # only the notebook of the assigned part, byte for byte its source
+    assert [p.name for p in (tmp_path / "h" / "notebooks").iterdir()] == ["3-pool-conv.py"]
+    assert (tmp_path / "h" / "notebooks" / "3-pool-conv.py").read_bytes() == \
+        (ROOT / "notebooks" / "3-pool-conv.py").read_bytes()
+    assignment = (tmp_path / "h" / "ASSIGNMENT.md").read_text()
+    assert "| `notebooks/3-pool-conv.py` | `conv2d_backward` |" in assignment
+    assert "percent-format `.py` files" in assignment
+
+
+@needs_jupyter
+def test_make_writes_valid_notebooks_without_outputs(tmp_path):
+    import nbformat
+
+    A.make(tmp_path)
+    files = sorted(p.name for p in (tmp_path / "notebooks").iterdir())
+    assert files == sorted(f"{stem}.ipynb" for stem, _ in A.NOTEBOOKS)
+    for name in files:
+        notebook = nbformat.read(tmp_path / "notebooks" / name, as_version=4)
+        nbformat.validate(notebook)
+        assert notebook.metadata.kernelspec.name == "python3" and "jupytext" not in notebook.metadata
+        assert all(not cell.get("outputs") for cell in notebook.cells if cell.cell_type == "code")
+        assert any("%autoreload 2" in cell.source for cell in notebook.cells)  # the magic, uncommented
+    assignment = (tmp_path / "ASSIGNMENT.md").read_text()
+    assert "| `notebooks/1-relu-linear-softmax.ipynb` | `relu_backward`, `linear_backward`," in assignment
+    assert assignment.index("## The notebooks") < assignment.index("## The parts")
+
+
+def test_check_parts_says_one_line_per_part_and_raises_unless_all_pass(tmp_path):
+    A.make(tmp_path, ["relu_backward", "linear_backward"])
+    set_body(tmp_path, "linear_backward", ["    x, w, _ = cache", "    return dout @ w, x.T @ dout, None"])
+    lines = []
+    with pytest.raises(A.PartsNotPassing, match=r"^relu_backward: not written yet \(the TODO in "
+                                                r"minires/functional/activation.py\); linear_backward: FAIL"):
+        A.check_parts("relu_backward", "linear_backward", "softmax_cross_entropy_backward", path=tmp_path,
+                      use_torch=False, out=lines.append)
+    assert lines[0] == "relu_backward: not written yet (the TODO in minires/functional/activation.py)"
+    assert lines[1].startswith("linear_backward: FAIL [with bias: dw] dw has shape (4, 3), expected (3, 4)")
+    assert re.match(r"softmax_cross_entropy_backward: PASS \(\d+ checks, worst relative error \d\.\de-\d+\)$",
+                    lines[2]), lines[2]
+    # default: the checkout this minires comes from (the reference here, so relu passes)
+    assert A.check_parts("relu_backward", out=lines.append, use_torch=False) is None
+    assert lines[-1].startswith("relu_backward: PASS")
+    for bad, message in [((), "name the parts"), (("nope",), "unknown assignment part")]:
+        with pytest.raises(ValueError, match=message):
+            A.check_parts(*bad, out=lines.append)
+
+
+def test_notebook_setup_refuses_a_minires_that_is_not_the_copy_around_it(tmp_path):
+    A.make(tmp_path, ["relu_backward"])
+    (tmp_path / "notebooks").mkdir(exist_ok=True)
+    with pytest.raises(RuntimeError, match="pip install -e") as info:
+        A.notebook_setup(cwd=tmp_path / "notebooks", out=lambda line: None)
+    assert str(tmp_path.resolve()) in str(info.value) and str(PACKAGE) in str(info.value)
+    said = []
+    A.notebook_setup(cwd=ROOT / "notebooks", out=said.append)
+    assert said == [f"minires from {PACKAGE}"]
+
+
+@pytest.fixture(scope="module")
+def fresh_handout(tmp_path_factory):
+    out = tmp_path_factory.mktemp("handout")
+    A.make(out, with_docs=True)
+    return out
+
+
+@needs_jupyter
+@pytest.mark.parametrize("stem, parts", A.NOTEBOOKS, ids=[stem for stem, _ in A.NOTEBOOKS])
+def test_a_fresh_handouts_notebook_stops_at_its_first_check_with_not_written_yet(stem, parts, fresh_handout,
+                                                                                 monkeypatch):
+    """The handout's .ipynb, run as a student would after installing the copy: the
+    setup cell names the copy's minires; the first check cell fails with its part's
+    "not written yet" (and nothing before it fails)."""
+    import nbformat
+    from nbclient.exceptions import CellExecutionError
+
+    from test_notebooks import checked_parts, run_cells
+
+    notebook = nbformat.read(fresh_handout / "notebooks" / f"{stem}.ipynb", as_version=4)
+    first = next(i for i, cell in enumerate(notebook.cells) if cell.cell_type == "code" and checked_parts(cell))
+    monkeypatch.setattr("test_notebooks.ROOT", fresh_handout)  # the kernel imports the copy's minires
+    with pytest.raises(CellExecutionError) as info:
+        run_cells(notebook, fresh_handout / "notebooks", monkeypatch, stop=first)
+    not_written = A._not_written_line(parts[0])
+    assert (info.value.ename, info.value.evalue) == ("PartsNotPassing", not_written)
+    assert notebook.cells[first]["outputs"][0]["text"] == not_written + "\n"  # the verdict line, printed
+    setup = next(cell for cell in notebook.cells if cell.cell_type == "code")
+    assert setup.outputs[0]["text"] == f"minires from {fresh_handout / 'minires'}\n"
+
+
+# --- docs/assignments.md: the instructor's path, run as written ----------------------------
+
+ASSIGNMENTS_DOC = ROOT / "docs" / "assignments.md"
+
+#: The commands of the instructor's path that the test below does not run, and why.
+NOT_RUN = {
+    'pip install -e ".[test,notebooks]"': "installs packages into this Python, which has them (setup.cfg's extras)",
+    "jupyter notebook notebooks/": "opens a browser; tests/test_notebooks.py runs every notebook with nbclient",
+    "python -m pytest -q": "the handout's whole suite (minutes): test_simple_solutions_pass_the_copys_whole_suite, "
+                           "marked slow, runs it",
+    "python -m minires train --subset 2000 --epochs 1": "a real training run; tests/test_train.py trains the same "
+                                                         "way on smaller subsets",
+}
+
+
+def instructors_path():
+    """The bash blocks of sections "1." to "8." of docs/assignments.md, in order."""
+    blocks = []
+    for section in re.split(r"^## ", ASSIGNMENTS_DOC.read_text(), flags=re.M):
+        if re.match(r"[1-8]\. ", section):
+            blocks += [code for info, code in re.findall(r"^```(\S*)[^\n]*\n(.*?)^```", section, re.S | re.M)
+                       if info == "bash"]
+    return blocks
+
+
+@pytest.mark.slow  # ~40 s of subprocesses on 2 cores (CI runs it: pytest -m slow)
+def test_the_instructors_path_runs_as_written(tmp_path):
+    """Every command of the instructor's path, in order, in a scratch folder; between
+    two blocks the test does what a person does: a student writes a correct solution
+    into the handout (before the block that starts with `cd handout`), the instructor
+    collects it as submissions/alice (before the first block that grades it)."""
+    blocks = instructors_path()
+    assert len(blocks) >= 8
+    env = dict(os.environ, PYTHONPATH=str(ROOT), MINIRES_BACKEND="numpy",
+               PATH=os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", ""))
+    skipped, outputs = set(), []
+    for block in blocks:
+        kept = []
+        for line in block.splitlines():
+            command = re.split(r"\s+#\s", line)[0].strip()
+            if command in NOT_RUN:
+                skipped.add(command)
+            else:
+                kept.append(line)
+        script = "\n".join(kept)
+        if script.startswith("cd handout"):
+            solve(tmp_path / "handout")
+        alice = tmp_path / "submissions" / "alice"
+        if "submissions/" in script and not alice.exists():
+            shutil.copytree(tmp_path / "handout", alice, ignore=shutil.ignore_patterns("__pycache__"))
+        proc = subprocess.run(["bash", "-euo", "pipefail", "-c", script], cwd=tmp_path, env=env,
+                              capture_output=True, text=True, timeout=900)
+        assert proc.returncode == 0, (script, proc.stdout[-3000:], proc.stderr[-3000:])
+        outputs.append(proc.stdout)
+    assert skipped == set(NOT_RUN), "a command in NOT_RUN is no longer in docs/assignments.md"
+    everything = "\n".join(outputs)
+    assert "score: 0/8 parts passed" in everything                     # the fresh handout, graded
+    assert "relu_backward: PASS" in everything or re.search(r"relu_backward +PASS", everything)
+    assert json.loads((tmp_path / "alice.json").read_text())["passed"] == len(A.PARTS)
+    assert json.loads((tmp_path / "scores" / "alice.json").read_text())["passed"] == len(A.PARTS)
+    results = json.loads((tmp_path / "results.json").read_text())     # the last grade: points, hidden cases
+    table = A.load_points(tmp_path / "points.json")
+    assert results["score"] == results["max_score"] == sum(table.values()) != 100
+    assert len(results["tests"]) == len(A.PARTS)
+    week3 = sorted(p.suffix for p in (tmp_path / "week3" / "notebooks").iterdir())
+    assert week3 == [".ipynb" if A.notebook_format() == "ipynb" else ".py"]
