@@ -237,11 +237,16 @@ def test_hooks_run_around_forward_and_backward_then_go(rng):
         return hook
 
     reference = model(x)
-    model.backward(numpy.ones_like(reference))
+    dout = rng.standard_normal(reference.shape)  # random: an all-ones dout would hide BatchNorm's terms
+    model.zero_grad()
+    model.backward(dout)
+    reference_grads = {k: g.copy() for k, g in model.named_grads().items()}
+    model.zero_grad()
     with model.hooks(forward=record("forward"), backward=record("backward")) as hooked:
         assert hooked is model
         out = model(x)
-        model.backward(numpy.ones_like(out), input_grad=False)  # options pass through the hooks
+        model.backward(dout, input_grad=False)  # options pass through the hooks
+    assert all(numpy.array_equal(g, reference_grads[k]) for k, g in model.named_grads().items())
     leaves = [n for n, m in model.named_modules() if not m.named_children()]
     assert sorted(n for n, _, _ in seen["forward"]) == sorted(leaves)
     assert seen["forward"][0] == ("conv1", (2, 3, 8, 8), (2, 16, 8, 8))
