@@ -181,6 +181,22 @@ def test_sgd_step_zero_grads_and_all_finite(momentum, weight_decay, nesterov, dt
         assert all(float(abs(g).max()) == 0 for g in grads)
 
 
+@pytest.mark.parametrize("nesterov", [False, True])
+def test_sgd_step_array_by_array_with_a_partial_state(nesterov, xp, rng):
+    """A parameter without a buffer yet (added to the optimizer later) beside ones that
+    have one: the engine cannot take all in one launch, and goes array by array."""
+    shapes = [(4, 3), (5,), (2, 2, 3)]
+    params = [[_device(rng, s, numpy.float64, xp) for s in shapes]]
+    params.append([p.copy() for p in params[0]])
+    grads = [_device(rng, s, numpy.float64, xp) for s in shapes]
+    start = [None, _device(rng, (5,), numpy.float64, xp), None]
+    buffers = [[None if b is None else b.copy() for b in start] for _ in range(2)]
+    for k, step in enumerate((ENGINE["sgd_step"], functional.sgd_step)):
+        buffers[k] = step(params[k], grads, buffers[k], 0.1, 0.9, 1e-4, nesterov)
+    _all_close(params[0], params[1], 1e-12)
+    _all_close(buffers[0], buffers[1], 1e-12)
+
+
 def test_all_finite_with_a_sum_that_overflows():
     big = numpy.full(4, 3e38, numpy.float32)  # finite, but its sum is inf
     assert ENGINE["all_finite"]([big]) and functional.all_finite([big])

@@ -16,9 +16,18 @@ def sgd_step(params, grads, buffers, lr, momentum=0.0, weight_decay=0.0, nestero
     one_launch = (momentum and cuda.fits_one_launch(params + grads)
                   and (first or (all(b is not None for b in buffers) and cuda.fits_one_launch(buffers)))
                   and len({id(p) for p in params}) == len(params))  # (a shared array: one by one)
+    xp = get_array_module(*params) if params else numpy
+    if not one_launch and momentum and xp is not numpy:  # a GPU, array by array: one launch each
+        new_buffers = []
+        for k, (p, grad) in enumerate(zip(params, grads)):
+            buf = buffers[k] if buffers is not None else None
+            first = buf is None
+            buf = xp.empty_like(p) if first else buf  # (first: the kernel sets it to g)
+            cuda.sgd_momentum_step(p, grad, buf, lr, momentum, weight_decay, nesterov, first)
+            new_buffers.append(buf)
+        return new_buffers
     if not one_launch:
         return textbook.sgd_step(params, grads, buffers, lr, momentum, weight_decay, nesterov)
-    xp = get_array_module(*params)
     new_buffers = [xp.empty_like(p) for p in params] if first else list(buffers)  # first: set to g
     cuda.sgd_momentum_step_many(params, grads, new_buffers, lr, momentum, weight_decay, nesterov, first)
     return new_buffers
