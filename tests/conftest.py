@@ -91,7 +91,9 @@ def pytest_runtest_makereport(item, call):
         part = not_written.group(1)
         if part not in _reported:
             _reported.add(part)
-            report.longrepr = (f"{part}: not written yet -- write its body (the TODO in minires/), "
+            from minires.assignment import PARTS
+            path = next((p.path for p in PARTS if p.name == part), "")
+            report.longrepr = (f"{part}: not written yet -- write its body (the TODO in minires/{path}), "
                                f"then run its tests: python -m minires assignment check {part}")
             return
         report.outcome, report.longrepr = "skipped", (*where, f"Skipped: {part} not written yet")
