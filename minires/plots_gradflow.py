@@ -120,8 +120,10 @@ def plot_gradflow_heatmap(runs, path, title=None):
 def plot_degradation(data, path):
     """Degradation experiment data -> PNG in the style of He et al. (2016), Fig. 6.
 
-    Left: plain nets, right: ResNets; thin lines = training error (running
-    mean over the iterations since the previous point), bold = test error.
+    Left: plain nets, right: ResNets; thin lines = training error, bold = test
+    error, each measured as ``data["config"]`` says (a run of this version:
+    both in eval mode, on fixed subsets; an older run: the training
+    mini-batches since the previous point).
     """
     curves, config = data["curves"], data["config"]
     fig, (ax_plain, ax_res) = plt.subplots(1, 2, figsize=(12, 4.6), sharey=True)
@@ -143,7 +145,8 @@ def plot_degradation(data, path):
         ax.grid(alpha=0.3)
         handles, labels = ax.get_legend_handles_labels()
         handles += [Line2D([], [], color="gray", lw=0.9), Line2D([], [], color="gray", lw=2.6)]
-        labels += ["thin: training error", "bold: test error"]
+        measured = config.get("train_error", "")
+        labels += [f"thin: training error{' (eval mode)' if 'eval mode' in measured else ''}", "bold: test error"]
         ax.legend(handles, labels, fontsize=8, loc="center right")
     ax_plain.set_ylabel("error (%)")
     ax_plain.set_ylim(0, min(100, 10 * math.ceil(10 * highest + 0.5)))

@@ -2,6 +2,7 @@
 PyTorch's norms for the same weights, and the gradflow command's JSON must
 have the documented layout."""
 import json
+import math
 
 import numpy
 import pytest
@@ -205,10 +206,68 @@ def test_degradation_presets_and_bad_values():
     quick = make_config("quick")
     assert quick.iterations * quick.batch == quick.subset  # one pass over the subset
     assert make_config("full", iterations=10).iterations == 10
+    standard = make_config("standard")
+    assert (standard.schedule, standard.subset, standard.image_size) == ("cosine", None, 14)
+    assert 0 < standard.warmup < standard.iterations // 10
+    assert standard.heatmap_networks == ("plain56", "resnet56")
+    assert make_config("quick", networks=["resnet20", "plain32", "resnet44"]).heatmap_networks == ("plain32", "resnet44")
     with pytest.raises(ValueError, match="preset"):
         make_config("medium")
     with pytest.raises(ValueError, match="batch"):
         make_config("quick", batch=0)
+    with pytest.raises(ValueError, match="schedule"):
+        make_config("quick", schedule="linear")
+    with pytest.raises(ValueError, match="warmup"):
+        make_config("quick", iterations=10, warmup=8)
+    with pytest.raises(ValueError, match="networks"):
+        make_config("quick", networks=["resnet110"])
+
+
+def test_degradation_schedule_warms_up_then_follows_the_cosine_or_the_steps():
+    from minires.degradation import make_config, make_schedule
+
+    class Opt:  # make_schedule only reads and sets .lr
+        lr = 0.1
+
+    def lrs(**overrides):
+        opt = Opt()
+        sched = make_schedule(opt, make_config("quick", iterations=20, **overrides))
+        return [opt.lr] + [sched.step() for _ in range(19)]
+
+    cosine = lrs(schedule="cosine", warmup=4)
+    assert cosine[:4] == pytest.approx([0.025, 0.05, 0.075, 0.1])
+    assert cosine[4] == pytest.approx(0.1) and cosine[10] == pytest.approx(0.05 * (1 + math.cos(math.pi * 6 / 16)))
+    assert all(a >= b for a, b in zip(cosine[4:], cosine[5:]))
+    step = lrs(schedule="step")
+    assert step == pytest.approx([0.1] * 10 + [0.01] * 5 + [0.001] * 5)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not _have_fashion_mnist(), reason="Fashion-MNIST is not installed")
+def test_degradation_standard_shortened_run_writes_json_and_figures(tmp_path):
+    """The --standard preset, cut short: the files are well formed (the ordering needs the whole run)."""
+    out = tmp_path / "std"
+    assert main(["degradation", "--standard", "--out", str(out), "--iterations", "24", "--warmup", "4",
+                 "--eval-every", "12", "--record-every", "6", "--train-eval-size", "200", "--eval-size", "200",
+                 "--networks", "plain20", "plain32", "resnet20", "resnet32"]) == 0
+    data = json.loads((out / "degradation.json").read_text())
+    config = data["config"]
+    assert (config["preset"], config["schedule"], config["warmup"], config["subset"]) == ("standard", "cosine", 4, None)
+    assert "eval mode" in config["train_error"] and "200" in config["train_error"]
+    assert config["total_seconds"] > 0 and "cosine" in config["recipe"]
+    assert list(data["curves"]) == ["plain20", "plain32", "resnet20", "resnet32"]
+    for curve in data["curves"].values():
+        assert curve["iterations"] == [12, 24]
+        for key in ("train_error", "test_error", "train_batch_error"):
+            assert len(curve[key]) == 2 and all(0 <= e <= 1 for e in curve[key])
+        # train_error counts whole images of the 200: a multiple of 1/200
+        assert all(abs(200 * e - round(200 * e)) < 1e-9 for e in curve["train_error"])
+        assert curve["lr"][0] == pytest.approx(0.1 * (1 + math.cos(math.pi * 7 / 20)) / 2)
+    heat = json.loads((out / "gradflow_training.json").read_text())
+    assert set(heat["models"]) == {"plain32", "resnet32"}
+    assert all(len(run["layers"]) == 32 for run in heat["models"].values())
+    for png in ("degradation.png", "gradflow_training.png"):
+        assert (out / png).stat().st_size > 10_000
 
 
 def test_missing_dataset_falls_back_to_a_labelled_synthetic_batch(monkeypatch):
