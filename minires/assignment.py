@@ -730,12 +730,15 @@ def import_mismatch(path, imported):
             f"fix: `pip install -e {path}` (or `pip uninstall minires`), then grade again")
 
 
-def grade(path=None, only=None, use_torch=True, timeout=600, hidden=None, points=None):
+def grade(path=None, only=None, use_torch=True, timeout=600, hidden=None, points=None, backend="numpy"):
     """Grade the package at ``path`` (default: ``default_grade_path()``).
 
     ``hidden``: a JSON file of the instructor's extra cases (:func:`load_hidden`),
     checked after the public ones. ``points``: a JSON file {part: points} that
     overrides the PARTS table's; a part earns its points when every check passes.
+    ``backend="cupy"`` runs the student's code on the GPU (the cases are made and
+    the answers compared on the host, as with NumPy); no CuPy or no GPU is a
+    RuntimeError, never a NumPy grade in its place.
 
     The checks run in a subprocess that imports ``minires`` from ``path``; if it
     gets another one (an installed ``minires`` shadowing the copy), RuntimeError
@@ -746,8 +749,10 @@ def grade(path=None, only=None, use_torch=True, timeout=600, hidden=None, points
     (one dict per part: ``part``, ``passed``, ``worst_rel_error``, ``hint``,
     ``checks``, ``error``, ``case`` and ``frames``: where the student's code raised,
     ``points``, ``max_points``), ``passed``, ``total``, ``score`` (a fraction),
-    ``points`` and ``max_points``.
+    ``points``, ``max_points`` and ``backend``.
     """
+    if backend not in ("numpy", "cupy"):
+        raise ValueError(f"unknown backend {backend!r}: expected 'numpy' or 'cupy'")
     path = Path(path).resolve() if path is not None else default_grade_path()
     if not (path / "minires" / "__init__.py").is_file():
         raise ValueError(f"no minires package to grade in {path} (expected {path / 'minires' / '__init__.py'})")
@@ -756,13 +761,13 @@ def grade(path=None, only=None, use_torch=True, timeout=600, hidden=None, points
         load_hidden(hidden)  # a bad file is the instructor's error: say so before grading
     table = load_points(points)
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHOME", "PYTHONSTARTUP")}
-    env.update(PYTHONPATH=str(path), PYTHONDONTWRITEBYTECODE="1", MINIRES_BACKEND="numpy")
+    env.update(PYTHONPATH=str(path), PYTHONDONTWRITEBYTECODE="1", MINIRES_BACKEND="numpy")  # the worker sets it
     with tempfile.TemporaryDirectory(prefix="minires-grade-") as tmp:
         results_file = Path(tmp) / "results.jsonl"
         results_file.touch()
         command = [sys.executable, "-P", str(Path(__file__).resolve()), "--worker", str(results_file),
                    "--torch" if use_torch else "--no-torch",
-                   str(Path(hidden).resolve()) if hidden is not None else "-", *names]
+                   str(Path(hidden).resolve()) if hidden is not None else "-", backend, *names]
         stopped = None
         try:
             proc = subprocess.run(command, cwd=path, env=env, capture_output=True, text=True, timeout=timeout)
@@ -790,7 +795,8 @@ def grade(path=None, only=None, use_torch=True, timeout=600, hidden=None, points
     return {"path": str(path), "imported": header.get("minires"), "torch": bool(header.get("torch")),
             "torch_requested": bool(use_torch), "hidden": hidden is not None,
             "parts": parts, "passed": passed, "total": len(parts), "score": passed / len(parts),
-            "points": sum(p["points"] for p in parts), "max_points": sum(p["max_points"] for p in parts)}
+            "points": sum(p["points"] for p in parts), "max_points": sum(p["max_points"] for p in parts),
+            "backend": backend}
 
 
 def load_points(path=None):
@@ -845,7 +851,8 @@ def format_report(report, verbose=False):
     else:
         parity = "; parity checks off (--no-torch)"
     hidden = " + the instructor's hidden cases" if report.get("hidden") else ""
-    lines = [f"grading {report['path']}  (gradient checks{parity}{hidden})",
+    device = "; the student's code ran on the GPU (CuPy)" if report.get("backend") == "cupy" else ""
+    lines = [f"grading {report['path']}  (gradient checks{parity}{hidden}{device})",
              "", f"{'part':<{width}}  result  points  worst rel. error  hint"]
     for p in report["parts"]:
         points = f"{p.get('points', 0):g}/{p.get('max_points', 0):g}"
@@ -899,6 +906,8 @@ def add_parser(sub):
                    '{"seed": N, "cases": {part: [case, ...]}}; see docs/assignments.md')
     g.add_argument("--gradescope", metavar="FILE", help="also write Gradescope's results.json to FILE")
     g.add_argument("--no-torch", dest="torch", action="store_false", help="skip the PyTorch parity checks")
+    g.add_argument("--backend", choices=["numpy", "cupy"], default="numpy",
+                   help="run the student's code with NumPy (the default) or on the GPU with CuPy")
     g.add_argument("--timeout", type=float, default=600, help="seconds before the grader gives up (600)")
     g.set_defaults(run=run_grade)
 
@@ -932,7 +941,7 @@ def run_grade(args):
         print(f"no minires/ in the current folder: grading the installed one, in {source_root()} "
               "(use --path DIR to grade another copy)", file=sys.stderr)
     report = grade(args.path, args.only, use_torch=args.torch, timeout=args.timeout, hidden=args.hidden,
-                   points=args.points)
+                   points=args.points, backend=args.backend)
     print(json.dumps(report, indent=2) if args.json else format_report(report, verbose=args.verbose))
     if args.gradescope:
         Path(args.gradescope).write_text(json.dumps(gradescope_results(report), indent=2) + "\n")
@@ -1088,7 +1097,7 @@ def _run_part(name, grader, student, configs=None):
 
 
 def _worker_main(argv):
-    results_file, torch_flag, hidden_file, names = argv[0], argv[1], argv[2], argv[3:]
+    results_file, torch_flag, hidden_file, backend_name, names = argv[0], argv[1], argv[2], argv[3], argv[4:]
     out = open(results_file, "a")
 
     def emit(record):
@@ -1106,6 +1115,12 @@ def _worker_main(argv):
         emit({"worker": True, "fatal": mismatch})
         return
     seed, hidden = load_hidden(hidden_file) if hidden_file != "-" else (None, {})
+    try:  # the array module the student's code runs on; no CuPy or no GPU is said, not graded on NumPy
+        from minires.backend import set_backend
+        xp = set_backend(backend_name)
+    except Exception as e:
+        emit({"worker": True, "fatal": f"--backend {backend_name}: {e}"})
+        return
     torch = None
     if torch_flag == "--torch":
         try:
@@ -1114,7 +1129,7 @@ def _worker_main(argv):
             torch = None
     emit({"worker": True, "torch": torch is not None, "minires": str(imported.parent)})
     for name in names:
-        grader = _Grader(numpy, torch)
+        grader = _Grader(numpy, torch, xp)
         error, case, frames = _run_part(name, grader, student)
         if error is None and name in hidden:  # the instructor's cases, after the public ones
             grader.rng, grader.prefix = numpy.random.default_rng(seed), "hidden: "
@@ -1129,18 +1144,43 @@ def _worker_main(argv):
 
 
 class _Grader:
-    """Collects checks for one part. Uses only NumPy (and torch, if given)."""
+    """Collects checks for one part. Uses only NumPy (and torch, if given).
 
-    def __init__(self, np, torch):
+    ``xp`` is where the student's code runs: NumPy, or CuPy for ``--backend cupy``.
+    The cases are made, and the answers compared, on the host either way; only
+    the calls into the student's code (:meth:`functions`) and the residual
+    block's stand-in layers run on the device.
+    """
+
+    def __init__(self, np, torch, xp=None):
         self.np, self.torch = np, torch
+        self.xp = np if xp is None else xp
         self.rng = np.random.default_rng(0)
         self.checks = []
         self.case, self.prefix = None, ""  # the case being checked; "hidden: " for the instructor's
+        self.returned = {}  # id(host copy) -> (host copy, device array) of what the device gave back
+
+    # -- host and device ---------------------------------------------------------------
+    def host(self, a):
+        """A device array as a NumPy array; anything else as it is."""
+        return a if self.xp is self.np or not isinstance(a, self.xp.ndarray) else a.get()
+
+    def device(self, a):
+        """A NumPy array on the device (an array the device gave back: the device's own)."""
+        if self.xp is self.np or not isinstance(a, self.np.ndarray):
+            return a
+        kept = self.returned.get(id(a))
+        return kept[1] if kept is not None and kept[0] is a else self.xp.asarray(a)
+
+    def functions(self, module):
+        """``module`` whose functions run on the device: NumPy arguments move there,
+        whatever the call changed in them comes back, array results come back."""
+        return module if self.xp is self.np else _OnDevice(self, module)
 
     # -- comparisons -------------------------------------------------------------------
     def rel_error(self, a, b):
         np = self.np
-        a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+        a, b = np.asarray(self.host(a), dtype=np.float64), np.asarray(self.host(b), dtype=np.float64)
         return float(np.linalg.norm(a - b) / max(1e-8, np.linalg.norm(a) + np.linalg.norm(b)))
 
     def record(self, name, rel_error=None, passed=None, message=""):
@@ -1177,13 +1217,15 @@ class _Grader:
         np = self.np
         grad = np.zeros(array.shape)
         flat = array.reshape(-1)
-        assert np.shares_memory(flat, array), "arrays under test must be contiguous"
+        where = self.xp if isinstance(array, self.xp.ndarray) else np  # the residual check's are on the device
+        assert where.shares_memory(flat, array), "arrays under test must be contiguous"
+        dout = self.host(dout)
         for i in range(array.size):
             old = flat[i].item()
             flat[i] = old + h
-            plus = float(np.sum(np.asarray(forward()) * dout))
+            plus = float(np.sum(np.asarray(self.host(forward())) * dout))
             flat[i] = old - h
-            minus = float(np.sum(np.asarray(forward()) * dout))
+            minus = float(np.sum(np.asarray(self.host(forward())) * dout))
             flat[i] = old
             grad.reshape(-1)[i] = (plus - minus) / (2 * h)
         return grad
@@ -1194,7 +1236,7 @@ class _Grader:
             self.compare(f"{label}: d{name}", analytic[name], self.numeric(forward, array, dout), f"d{name}")
 
     def unchanged(self, label, before, after, what="dout"):
-        if not self.np.array_equal(before, after):
+        if not self.np.array_equal(self.host(before), self.host(after)):
             self.record(f"{label}: {what} untouched", None, False, f"{what} was modified in place")
 
     def data(self, *shape, low=None):
@@ -1205,15 +1247,51 @@ class _Grader:
 
     # -- torch -------------------------------------------------------------------------
     def t(self, a, grad=True):
-        return self.torch.tensor(self.np.asarray(a), dtype=self.torch.float64, requires_grad=grad)
+        return self.torch.tensor(self.np.asarray(self.host(a)), dtype=self.torch.float64, requires_grad=grad)
 
     def torch_grads(self, out, dout, tensors):
-        out.backward(self.torch.tensor(dout))
+        out.backward(self.torch.tensor(self.host(dout)))
         return {name: t.grad.numpy() for name, t in tensors.items()}
 
 
+class _OnDevice:
+    """A module of the student's functions, called on the grader's device (see _Grader.functions)."""
+
+    def __init__(self, grader, module):
+        self._grader, self._module = grader, module
+
+    def __getattr__(self, name):
+        function, g = getattr(self._module, name), self._grader
+
+        def on_device(*args, **kwargs):
+            moved = []
+
+            def there(a):
+                d = g.device(a)
+                if d is not a and g.returned.get(id(a), (None,))[0] is not a:
+                    moved.append((a, d))
+                return d
+
+            result = function(*map(there, args), **{k: there(v) for k, v in kwargs.items()})
+            for host, dev in moved:  # in-place changes (running statistics, a modified dout) come back
+                host[...] = g.host(dev)
+            return tuple(map(self._back, result)) if isinstance(result, tuple) else self._back(result)
+
+        return on_device
+
+    def _back(self, r):
+        g = self._grader
+        if not isinstance(r, g.xp.ndarray):
+            return r  # a cache stays as it is, on the device
+        h = g.host(r)
+        g.returned[id(h)] = (h, r)
+        return h
+
+
 def _check_relu(g, configs=((4, 5), (2, 3, 4, 4))):
-    from minires.functional import activation as F
+    from minires.functional import activation
+
+    F = g.functions(activation)
 
     for shape in configs:
         label = f"x {shape}"
@@ -1231,7 +1309,9 @@ def _check_relu(g, configs=((4, 5), (2, 3, 4, 4))):
 
 
 def _check_linear(g):
-    from minires.functional import linear as F
+    from minires.functional import linear
+
+    F = g.functions(linear)
 
     for bias in (True, False):
         label = "with bias" if bias else "no bias"
@@ -1263,7 +1343,9 @@ def _softmax_oracle(np, logits, labels):
 
 
 def _check_softmax_forward(g):
-    from minires.functional import loss as F
+    from minires.functional import loss
+
+    F = g.functions(loss)
 
     np = g.np
     for label, shift in (("logits ~ N(0, 9)", 0.0), ("logits + 1000s per row (stability)", 1000.0)):
@@ -1287,7 +1369,9 @@ def _check_softmax_forward(g):
 
 
 def _check_softmax_backward(g):
-    from minires.functional import loss as F
+    from minires.functional import loss
+
+    F = g.functions(loss)
 
     np = g.np
     for label, dloss in (("dloss 1.0", 1.0), ("dloss 0.37", 0.37)):
@@ -1309,7 +1393,9 @@ def _check_softmax_backward(g):
 
 
 def _check_batchnorm(g, configs=(((4, 3, 5, 6), True), ((2, 2, 1, 3), True), ((3, 2, 4, 4), False))):
-    from minires.functional import batchnorm as F
+    from minires.functional import batchnorm
+
+    F = g.functions(batchnorm)
 
     np = g.np
     for shape, training in configs:
@@ -1344,7 +1430,9 @@ def _check_batchnorm(g, configs=(((4, 3, 5, 6), True), ((2, 2, 1, 3), True), ((3
 
 def _check_maxpool(g, configs=(((2, 3, 4, 6), 2, 2, 0), ((2, 2, 5, 5), 3, 2, 1),
                                  ((1, 2, 4, 5), (2, 3), (1, 2), 0))):
-    from minires.functional import pooling as F
+    from minires.functional import pooling
+
+    F = g.functions(pooling)
 
     np = g.np
     for shape, kernel, stride, padding in configs:
@@ -1374,7 +1462,9 @@ _CONV_CASES = (  # x shape, w shape, stride, padding, bias
 
 
 def _check_conv(g, configs=_CONV_CASES):
-    from minires.functional import conv as F
+    from minires.functional import conv
+
+    F = g.functions(conv)
 
     for x_shape, w_shape, stride, padding, bias in configs:
         label = f"w {w_shape}, stride {stride}, padding {padding}" + ("" if bias else ", no bias")
@@ -1435,20 +1525,20 @@ def _check_residual(g):
     the grader knows, so this part does not depend on the conv / BN / ReLU parts."""
     from minires.models.blocks import ResidualBlock
 
-    np = g.np
+    np = g.xp  # the stand-in layers run where the student's code runs
     for shortcut in ("identity", "projection"):
         label = f"{shortcut} shortcut"
         g.case = label
         c = 3
-        x = g.data(2, c, 4, 5)
-        w1, w2, w3 = 1 + 0.5 * g.data(c), 1 + 0.5 * g.data(c), 1 + 0.5 * g.data(c)
+        x = g.device(g.data(2, c, 4, 5))
+        w1, w2, w3 = (g.device(1 + 0.5 * g.data(c)) for _ in range(3))
         block = ResidualBlock()
         scale1, scale2 = _ChannelScale(np, w1), _ChannelScale(np, w2)
         block.branch = [scale1, _Smooth(np, "tanh"), scale2]  # order matters: they do not commute
         block.downsample = _ChannelScale(np, w3) if shortcut == "projection" else None
         block.relu = _Smooth(np, "softplus")
         out = block.forward(x)
-        dout = g.data(*out.shape)
+        dout = g.device(g.data(*out.shape))
         dout_copy = dout.copy()
         dx = block.backward(dout)
         g.unchanged(label, dout_copy, dout)

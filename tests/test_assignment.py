@@ -465,6 +465,30 @@ def test_simple_solutions_grade_full_marks(tmp_path):
     assert report["score"] == 1.0, [(p["part"], p["hint"]) for p in report["parts"] if not p["passed"]]
 
 
+FAKE_CUPY = Path(__file__).resolve().parent / "fake_cupy" / "cupy"
+
+
+def test_grade_backend_cupy_runs_the_students_code_on_the_device(tmp_path):
+    """On the CuPy stand-in (strict: no implicit device-to-host conversion) the simple
+    solutions get full marks; a body that turns its input into NumPy arrays fails there
+    and passes with NumPy, so the student's code really ran on the device."""
+    A.make(tmp_path)
+    solve(tmp_path)
+    with pytest.raises(RuntimeError, match="--backend cupy"):  # no CuPy: said, never a NumPy grade instead
+        A.grade(tmp_path, ["relu_backward"], use_torch=False, backend="cupy")
+    shutil.copytree(FAKE_CUPY, tmp_path / "cupy")  # the worker imports from the copy's folder only
+    report = A.grade(tmp_path, use_torch=HAVE_TORCH, backend="cupy")
+    assert report["backend"] == "cupy" and report["score"] == 1.0, \
+        [(p["part"], p["error"], p["hint"]) for p in report["parts"] if not p["passed"]]
+    assert "ran on the GPU" in A.format_report(report)
+    set_body(tmp_path, "relu_backward", [
+        "    import numpy",
+        "    return numpy.asarray(dout) * (numpy.asarray(cache) > 0)"])
+    assert A.grade(tmp_path, ["relu_backward"], use_torch=False)["passed"] == 1
+    on_device = A.grade(tmp_path, ["relu_backward"], use_torch=False, backend="cupy")["parts"][0]
+    assert not on_device["passed"] and "Implicit conversion" in on_device["error"], on_device
+
+
 def normalized(line):
     return " ".join(line.split())
 
