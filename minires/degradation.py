@@ -27,6 +27,7 @@ is kept too, as ``train_batch_error``.
 """
 import json
 import os
+import textwrap
 import time
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass
@@ -301,8 +302,8 @@ def draw_figures(out, result=None, heat_data=None):
     config = heat_data["config"]
     plot_gradflow_heatmap(heat_data["models"], os.path.join(out, "gradflow_training.png"),
                           title=f"Weight-gradient norm per layer during training on "
-                                f"{config.get('dataset', 'fashion-mnist')}\n({config['preset']} preset: "
-                                f"{config['description']})")
+                                f"{config.get('dataset', 'fashion-mnist')}\n"
+                                + textwrap.fill(f"({config['preset']} preset: {config['description']})", 110))
 
 
 def _write_json(path, data, indent=1):

@@ -10,6 +10,7 @@
 Every magnitude that spans decades is drawn on a log scale.
 """
 import math
+import textwrap
 
 import matplotlib
 
@@ -150,8 +151,9 @@ def plot_degradation(data, path):
         ax.legend(handles, labels, fontsize=8, loc="center right")
     ax_plain.set_ylabel("error (%)")
     ax_plain.set_ylim(0, min(100, 10 * math.ceil(10 * highest + 0.5)))
+    recipe = textwrap.fill(f"({config['preset']} preset: {config['description']})", 150)
     fig.suptitle(f"Degradation on {config['dataset']}: same recipe, same initial seed, same data order\n"
-                 f"({config['preset']} preset: {config['description']})", fontsize=10)
+                 f"{recipe}", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
