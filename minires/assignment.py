@@ -1165,12 +1165,17 @@ class _Grader:
         """A device array as a NumPy array; anything else as it is."""
         return a if self.xp is self.np or not isinstance(a, self.xp.ndarray) else a.get()
 
+    def gave_back(self, a):
+        """The device array whose host copy ``a`` is, or None."""
+        kept = self.returned.get(id(a))
+        return kept[1] if kept is not None and kept[0] is a else None
+
     def device(self, a):
         """A NumPy array on the device (an array the device gave back: the device's own)."""
         if self.xp is self.np or not isinstance(a, self.np.ndarray):
             return a
-        kept = self.returned.get(id(a))
-        return kept[1] if kept is not None and kept[0] is a else self.xp.asarray(a)
+        original = self.gave_back(a)
+        return original if original is not None else self.xp.asarray(a)
 
     def functions(self, module):
         """``module`` whose functions run on the device: NumPy arguments move there,
@@ -1268,7 +1273,7 @@ class _OnDevice:
 
             def there(a):
                 d = g.device(a)
-                if d is not a and g.returned.get(id(a), (None,))[0] is not a:
+                if d is not a and g.gave_back(a) is None:  # a fresh copy: its changes must come back
                     moved.append((a, d))
                 return d
 

@@ -251,6 +251,7 @@ def run_experiment(config, out, log=print):
     backend.set_backend(config.backend)
     started = time.perf_counter()
     data = load_data(config)
+    _, _, _, y_test, _, y_seen = data
     log(f"degradation ({config.preset}): {config.description}; backend {config.backend}")
     curves, heatmaps = {}, {}
     for name in config.networks:
@@ -266,9 +267,9 @@ def run_experiment(config, out, log=print):
                                    + (", /10 at 1/2 and 3/4 of the run" if config.schedule == "step"
                                       else ", half a cosine down to 0")
                                    + "; same seed (weights and data order) for all networks; no augmentation",
-                         "train_error": f"error on a fixed subset of {len(data[5])} of the training images "
+                         "train_error": f"error on a fixed subset of {len(y_seen)} of the training images "
                                         f"(eval mode)",
-                         "test_error": f"error on the fixed subset of {len(data[3])} test images (eval mode)",
+                         "test_error": f"error on the fixed subset of {len(y_test)} test images (eval mode)",
                          "train_batch_error": "error on the training mini-batches since the previous point "
                                               "(train mode)",
                          "total_seconds": total},
@@ -323,7 +324,8 @@ def add_parser(sub):
     preset.add_argument("--quick", dest="preset", action="store_const", const="quick",
                         help="2-core CPU, about 10 minutes: a first look (the default)")
     preset.add_argument("--standard", dest="preset", action="store_const", const="standard",
-                        help="2-core CPU, under 45 minutes: long enough for the paper's ordering")
+                        help="2-core CPU, about 40 minutes: five times the quick run (see docs/gradient-flow.md "
+                             "for what it shows)")
     preset.add_argument("--full", dest="preset", action="store_const", const="full",
                         help="a GPU run (use with --backend cupy): full training set, 20k iterations")
     p.set_defaults(preset="quick")

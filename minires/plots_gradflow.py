@@ -146,8 +146,9 @@ def plot_degradation(data, path):
         ax.grid(alpha=0.3)
         handles, labels = ax.get_legend_handles_labels()
         handles += [Line2D([], [], color="gray", lw=0.9), Line2D([], [], color="gray", lw=2.6)]
-        measured = config.get("train_error", "")
-        labels += [f"thin: training error{' (eval mode)' if 'eval mode' in measured else ''}", "bold: test error"]
+        # a run that also kept the mini-batch error measured the training error in eval mode
+        eval_mode = " (eval mode)" if "train_batch_error" in config else ""
+        labels += [f"thin: training error{eval_mode}", "bold: test error"]
         ax.legend(handles, labels, fontsize=8, loc="center right")
     ax_plain.set_ylabel("error (%)")
     ax_plain.set_ylim(0, min(100, 10 * math.ceil(10 * highest + 0.5)))
