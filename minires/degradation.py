@@ -145,15 +145,17 @@ def downsample2x(images):
     return numpy.round(pooled).astype(numpy.uint8)
 
 
-def load_data(config):
+def load_data(config, return_files=False):
     """(train images, train labels, test images, test labels, measured training
     images, their labels), host uint8 arrays; the measured training images are a
-    fixed stratified subset of the training images."""
+    fixed stratified subset of the training images. With ``return_files``, also
+    the files read (:func:`minires.data.load_dataset`): ``(arrays, files)``."""
     from .data import load_dataset, subset
 
     if config.data_dir is not None and not os.path.isdir(config.data_dir):
         raise FileNotFoundError(f"data directory {config.data_dir!r} does not exist")
-    x_train, y_train, x_test, y_test = load_dataset(config.dataset, config.data_dir, progress=False)
+    (x_train, y_train, x_test, y_test), files = load_dataset(config.dataset, config.data_dir, progress=False,
+                                                             return_files=True)
     if config.subset is not None:
         x_train, y_train = subset(x_train, y_train, min(config.subset, len(y_train)), seed=config.seed)
     if config.eval_size < len(y_test):
@@ -162,7 +164,8 @@ def load_data(config):
         x_train, x_test = downsample2x(x_train), downsample2x(x_test)
     # another seed than the training subset's, so a subset smaller than that one is another draw
     x_seen, y_seen = subset(x_train, y_train, min(config.train_eval_size, len(y_train)), seed=config.seed + 1)
-    return x_train, y_train, x_test, y_test, x_seen, y_seen
+    arrays = x_train, y_train, x_test, y_test, x_seen, y_seen
+    return (arrays, files) if return_files else arrays
 
 
 def make_schedule(optimizer, config):
@@ -248,10 +251,13 @@ def train_network(name, config, data, log=print):
 def run_experiment(config, out, log=print):
     """Train the four networks, write the JSON files and figures into ``out``;
     returns the degradation data dict."""
+    from .data import files_banner
+
     backend.set_backend(config.backend)
     started = time.perf_counter()
-    data = load_data(config)
+    data, files = load_data(config, return_files=True)
     _, _, _, y_test, _, y_seen = data
+    log(files_banner(config.dataset, files))
     log(f"degradation ({config.preset}): {config.description}; backend {config.backend}")
     curves, heatmaps = {}, {}
     for name in config.networks:
@@ -272,7 +278,7 @@ def run_experiment(config, out, log=print):
                          "test_error": f"error on the fixed subset of {len(y_test)} test images (eval mode)",
                          "train_batch_error": "error on the training mini-batches since the previous point "
                                               "(train mode)",
-                         "total_seconds": total},
+                         "total_seconds": total, "data_files": files},
               "curves": curves}
     _write_json(os.path.join(out, "degradation.json"), result)
     heat_data = {"config": {"preset": config.preset, "description": config.description,

@@ -179,32 +179,25 @@ def load_batch(batch_size, seed=0, data_dir=None, dataset="fashion-mnist", synth
     """A training batch, normalized as the DataLoader does; returns ``(x, y, source)``
     (with ``return_files``, also the files read: :func:`minires.data.load_dataset`).
 
-    ``batch_size`` images drawn at random (seeded) from the training set. If the
-    dataset is nowhere on this machine (and no ``data_dir`` was named), or if
-    ``synthetic`` is set, the batch is standard-normal noise with random labels,
-    and ``source`` says so in capitals: the figures and the JSON carry it.
+    ``batch_size`` images drawn at random (seeded) from the training set, found
+    (or downloaded) as ``train`` finds it. Data that cannot be found is an error:
+    the batch is standard-normal noise with random labels only when ``synthetic``
+    is asked for, and then ``source`` says so in capitals (the figures and the
+    JSON carry it).
     """
     from .data import DATASETS, load_dataset
 
     info = DATASETS[dataset]
     rng = numpy.random.default_rng(seed)
-    requested = synthetic
-    if not synthetic:
-        if data_dir is not None and not os.path.isdir(data_dir):
-            raise FileNotFoundError(f"data directory {data_dir!r} does not exist")
-        try:
-            (images, labels, _, _), files = load_dataset(dataset, data_dir, download=False, progress=False,
-                                                         return_files=True)
-        except FileNotFoundError:
-            if data_dir is not None or os.environ.get("MINIRES_DATA"):
-                raise  # a folder the user named: never a synthetic batch instead
-            synthetic = True
     if synthetic:
-        why = "requested" if requested else f"{dataset} not found on this machine"
         x = rng.standard_normal((batch_size,) + info.image_shape).astype(numpy.float32)
         y = rng.integers(0, info.num_classes, size=batch_size)
-        source = f"SYNTHETIC batch (N(0,1) noise, random labels; {why})"
+        source = "SYNTHETIC batch (N(0,1) noise, random labels; requested)"
+        files = []
     else:
+        if data_dir is not None and not os.path.isdir(data_dir):
+            raise FileNotFoundError(f"data directory {data_dir!r} does not exist")
+        (images, labels, _, _), files = load_dataset(dataset, data_dir, progress=False, return_files=True)
         if not 1 <= batch_size <= len(labels):
             raise ValueError(f"batch must be in 1..{len(labels)}, got {batch_size}")
         idx = rng.choice(len(labels), size=batch_size, replace=False)
@@ -216,7 +209,7 @@ def load_batch(batch_size, seed=0, data_dir=None, dataset="fashion-mnist", synth
         files = [f for f in files if f["role"] in ("train images", "train labels")]
     x = x.astype(dtype)
     batch = backend.to_device(x), backend.to_device(y.astype(numpy.int64)), source
-    return batch + ((files if not synthetic else []),) if return_files else batch
+    return batch + (files,) if return_files else batch
 
 
 def first_last_ratio(model, grad_norms):

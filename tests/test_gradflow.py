@@ -191,6 +191,12 @@ def test_degradation_command_tiny_run(tmp_path, capsys):
         assert curve["iterations"] == [2, 4]
         assert all(0 <= e <= 1 for e in curve["train_error"] + curve["test_error"])
     assert data["config"]["image_size"] == 14 and data["config"]["iterations"] == 4
+    # the run says which files it read, and the JSON keeps them with their checksums
+    files = data["config"]["data_files"]
+    assert [f["role"] for f in files] == ["train images", "train labels", "test images", "test labels"]
+    assert all(len(f["sha256"]) == 64 for f in files)
+    printed = capsys.readouterr().out
+    assert "data: fashion-mnist" in printed and all(f["path"] in printed for f in files)
     heat = json.loads((out / "gradflow_training.json").read_text())
     assert set(heat["models"]) == {"plain56", "resnet56"}
     for run in heat["models"].values():
@@ -270,7 +276,7 @@ def test_degradation_standard_shortened_run_writes_json_and_figures(tmp_path):
         assert (out / png).stat().st_size > 10_000
 
 
-def test_missing_dataset_falls_back_to_a_labelled_synthetic_batch(monkeypatch):
+def test_missing_dataset_is_an_error_never_a_synthetic_batch(monkeypatch):
     import minires.data
     from minires.gradflow import load_batch
 
@@ -278,8 +284,10 @@ def test_missing_dataset_falls_back_to_a_labelled_synthetic_batch(monkeypatch):
         raise FileNotFoundError("dataset 'fashion-mnist' not found")
 
     monkeypatch.setattr(minires.data, "load_dataset", nowhere)
-    x, y, source = load_batch(6, seed=0)
-    assert x.shape == (6, 1, 28, 28) and x.dtype == numpy.float32 and y.shape == (6,)
-    assert source.startswith("SYNTHETIC") and "not found" in source
+    with pytest.raises(FileNotFoundError, match="not found"):
+        load_batch(6, seed=0)
     with pytest.raises(FileNotFoundError):  # a folder the user named must exist
         load_batch(6, data_dir="/nonexistent/folder")
+    x, y, source = load_batch(6, seed=0, synthetic=True)  # noise only when asked for, and labelled
+    assert x.shape == (6, 1, 28, 28) and x.dtype == numpy.float32 and y.shape == (6,)
+    assert source.startswith("SYNTHETIC") and "requested" in source
