@@ -58,6 +58,14 @@ def xp(request):
     backend.set_backend(previous)
 
 
+@pytest.fixture(params=["fast", "textbook"])
+def kernels(request):
+    """Run a test under each setting of the seam (minires/ops.py): the engine's ops, then the textbook's."""
+    from minires import ops
+    with ops.kernels(request.param):
+        yield request.param
+
+
 @pytest.fixture
 def rng():
     return numpy.random.default_rng(1234)

@@ -202,6 +202,7 @@ def test_all_finite_with_a_sum_that_overflows():
     assert ENGINE["all_finite"]([big]) and functional.all_finite([big])
 
 
+@pytest.mark.engine  # how the engine cuts the work, not a property of the math
 def test_residual_add_in_chunks_on_numpy(xp, rng):
     """4 MiB of float32: the engine's sum goes in 4 chunks on NumPy (one operation on CuPy)."""
     a = _device(rng, (16, 32, 32, 64), numpy.float32, xp)

@@ -98,6 +98,7 @@ def test_inspection_clis_on_the_stand_in(tmp_path):
     assert (tmp_path / "gradflow.json").is_file() and (tmp_path / "gradflow.png").is_file()
 
 
+@pytest.mark.engine  # the engine's one-transfer gradient check; the textbook's checks array by array
 def test_a_training_step_syncs_with_the_host_three_times():
     """On a GPU every device -> host transfer waits for all queued kernels, so a step
     must not make one per parameter. The three it needs: the labels' range check

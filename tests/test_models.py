@@ -125,8 +125,13 @@ def _parity_pairs():
 
 
 @pytest.mark.residual_block_backward
-@pytest.mark.parametrize("name", ["resnet20A", "resnet20B", "plain20", "resnet18", "resnet50"])
-def test_model_parity_with_torch(name):
+# every net under both settings of the seam; the big ImageNet nets under the textbook only in the slow run
+# (test_engine.py's whole-model test holds the textbook equal to the engine on resnet50 in every run)
+@pytest.mark.parametrize("name,kernels", [
+    pytest.param(name, kind, marks=[pytest.mark.slow] if kind == "textbook" and name in ("resnet18", "resnet50") else [])
+    for kind in ("fast", "textbook") for name in ("resnet20A", "resnet20B", "plain20", "resnet18", "resnet50")],
+    indirect=["kernels"])
+def test_model_parity_with_torch(name, kernels):
     torch = pytest.importorskip("torch")
     from torch_parity import compare
     make, make_torch, shape = _parity_pairs()[name]

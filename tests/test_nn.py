@@ -79,7 +79,7 @@ def torch_twins():
 @pytest.mark.parametrize("dtype,tol", [(numpy.float64, 1e-9), (numpy.float32, 1e-5)])
 @pytest.mark.parametrize("mode", ["train", "eval"])
 @pytest.mark.parametrize("index", range(9))
-def test_module_parity_with_torch(index, mode, dtype, tol):
+def test_module_parity_with_torch(index, mode, dtype, tol, kernels):
     torch = pytest.importorskip("torch")
     from torch_parity import compare
     name, make, make_torch, shape = torch_twins()[index]

@@ -75,7 +75,7 @@ def snapshot(model):
 # -- parity with torch.optim -------------------------------------------------
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("name", sorted(OPTIMIZERS))
-def test_optimizer_matches_torch(name, dtype):
+def test_optimizer_matches_torch(name, dtype, kernels):
     torch = pytest.importorskip("torch")
     make_ours, make_torch = OPTIMIZERS[name]
     model = Tiny(dtype)
