@@ -25,6 +25,7 @@ of the training images the nets train on, test error on a fixed test subset.
 The error on the training mini-batches since the previous point (train mode)
 is kept too, as ``train_batch_error``.
 """
+import argparse
 import json
 import os
 import textwrap
@@ -69,6 +70,7 @@ class DegradationConfig:
     lr: float = 0.1
     schedule: str = "step"       # "step" or "cosine"
     warmup: int = 0              # iterations of linear warm-up (0: none)
+    zero_init_residual: bool = False  # each residual branch's last BN starts at gamma 0 (plain nets: no effect)
     momentum: float = 0.9
     weight_decay: float = 1e-4
     seed: int = 0
@@ -83,8 +85,9 @@ class DegradationConfig:
         size = "" if self.image_size == 28 else f", images downsampled to {self.image_size}x{self.image_size}"
         lr = "lr /10 at 1/2 and 3/4" if self.schedule == "step" else "cosine lr"
         warmup = f", {self.warmup}-iteration warm-up" if self.warmup else ""
+        zero = ", ResNet branches start at 0 (last BN gamma 0)" if self.zero_init_residual else ""
         return (f"{self.iterations} iterations of batch {self.batch} on {n} training images{size}, "
-                f"lr {self.lr:g}{warmup}, {lr}; errors in eval mode on {self.train_eval_size} fixed "
+                f"lr {self.lr:g}{warmup}, {lr}{zero}; errors in eval mode on {self.train_eval_size} fixed "
                 f"training and {self.eval_size} test images")
 
     @property
@@ -102,9 +105,11 @@ PRESETS = {
     "quick": dict(iterations=400, batch=64, subset=25600, image_size=14, eval_every=40, eval_size=1000,
                   train_eval_size=1000, record_every=4),
     # 2-core CPU, under 45 minutes: about two passes over all 60,000 training images at 14x14,
-    # a 5% warm-up, then a cosine decay to 0 (measured runs in docs/gradient-flow.md).
+    # a 5% warm-up, then a cosine decay to 0; every ResNet starts as its shortcut path, without
+    # which this budget is too short for ResNet-56 to pass ResNet-20 (runs in docs/gradient-flow.md).
     "standard": dict(iterations=2000, batch=64, subset=None, image_size=14, eval_every=200, eval_size=2000,
-                     train_eval_size=2000, record_every=20, schedule="cosine", warmup=100),
+                     train_eval_size=2000, record_every=20, schedule="cosine", warmup=100,
+                     zero_init_residual=True),
     # For a GPU (--backend cupy): ~43 epochs of the full training set at 28x28.
     "full": dict(iterations=20000, batch=128, subset=None, image_size=28, eval_every=500, eval_size=10000,
                  train_eval_size=10000, record_every=50),
@@ -194,7 +199,8 @@ def train_network(name, config, data, log=print):
     info = DATASETS[config.dataset]
     x_train, y_train, x_test, y_test, x_seen, y_seen = data
     backend.manual_seed(config.seed)
-    model = build_model(name, num_classes=info.num_classes, in_channels=info.channels)
+    model = build_model(name, num_classes=info.num_classes, in_channels=info.channels,
+                        zero_init_residual=config.zero_init_residual)
     loss_fn = CrossEntropyLoss()
     opt = SGD(model, config.lr, config.momentum, config.weight_decay)
     schedule = make_schedule(opt, config)
@@ -272,6 +278,9 @@ def run_experiment(config, out, log=print):
                                    + (f", linear warm-up over {config.warmup} iterations" if config.warmup else "")
                                    + (", /10 at 1/2 and 3/4 of the run" if config.schedule == "step"
                                       else ", half a cosine down to 0")
+                                   + ("; the last BN of every residual branch starts at gamma 0, so each "
+                                      "ResNet starts as its shortcut path (Goyal et al. 2017)"
+                                      if config.zero_init_residual else "")
                                    + "; same seed (weights and data order) for all networks; no augmentation",
                          "train_error": f"error on a fixed subset of {len(y_seen)} of the training images "
                                         f"(eval mode)",
@@ -348,6 +357,9 @@ def add_parser(sub):
     p.add_argument("--lr", type=float)
     p.add_argument("--schedule", choices=SCHEDULES, help="lr schedule after the warm-up")
     p.add_argument("--warmup", type=int, help="iterations of linear lr warm-up")
+    p.add_argument("--zero-init-residual", action=argparse.BooleanOptionalAction,
+                   help="start each residual branch's last BatchNorm at gamma 0, so every ResNet starts as its "
+                        "shortcut path (the standard preset does; plain nets are unchanged)")
     p.add_argument("--networks", nargs="+", choices=CHOICES, metavar="NET",
                    help=f"which networks to train, in order (default: {' '.join(NETWORKS)}; choices: "
                         f"{' '.join(CHOICES)})")
@@ -367,6 +379,6 @@ def run(args):
                          subset=args.subset, image_size=args.image_size, eval_every=args.eval_every,
                          eval_size=args.eval_size, train_eval_size=args.train_eval_size,
                          record_every=args.record_every, lr=args.lr, schedule=args.schedule, warmup=args.warmup,
-                         networks=args.networks, backend=args.backend, data_dir=args.data_dir)
+                         zero_init_residual=args.zero_init_residual, networks=args.networks, backend=args.backend, data_dir=args.data_dir)
     run_experiment(config, args.out)
     return 0

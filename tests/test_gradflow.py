@@ -229,6 +229,34 @@ def test_degradation_presets_and_bad_values():
         make_config("quick", networks=["resnet110"])
 
 
+def test_degradation_zero_init_residual_starts_every_resnet_branch_at_zero(monkeypatch):
+    """--zero-init-residual (on in the standard preset) reaches the model that trains."""
+    import minires.models
+    from minires.degradation import make_config, train_network
+    from minires.models.blocks import ResidualBlock
+
+    real, gammas = minires.models.build_model, []
+
+    def spy(name, **kw):
+        model = real(name, **kw)
+        gammas.append([float(abs(b.last_bn().params["weight"]).max())
+                       for b in model.blocks() if isinstance(b, ResidualBlock)])
+        return model
+
+    monkeypatch.setattr(minires.models, "build_model", spy)
+    rng = numpy.random.default_rng(0)
+    images, labels = rng.integers(0, 256, (16, 1, 14, 14), dtype=numpy.uint8), rng.integers(0, 10, 16)
+    data = (images, labels, images[:8], labels[:8], images[:8], labels[:8])
+    assert make_config("standard").zero_init_residual and not make_config("quick").zero_init_residual
+    for zero in (True, False):
+        config = make_config("quick", iterations=4, batch=4, eval_every=4, record_every=4, networks=["resnet20"],
+                             zero_init_residual=zero)
+        curve, _ = train_network("resnet20", config, data, log=lambda line: None)
+        assert len(gammas[-1]) == 9 and (max(gammas[-1]) == 0) == zero
+        assert curve["iterations"] == [4]
+    assert "gamma 0" in make_config("standard").description
+
+
 def test_degradation_schedule_warms_up_then_follows_the_cosine_or_the_steps():
     from minires.degradation import make_config, make_schedule
 
@@ -261,6 +289,7 @@ def test_degradation_standard_shortened_run_writes_json_and_figures(tmp_path):
     assert (config["preset"], config["schedule"], config["warmup"], config["subset"]) == ("standard", "cosine", 4, None)
     assert "eval mode" in config["train_error"] and "200" in config["train_error"]
     assert config["total_seconds"] > 0 and "cosine" in config["recipe"]
+    assert config["zero_init_residual"] is True and "gamma 0" in config["recipe"]
     assert list(data["curves"]) == ["plain20", "plain32", "resnet20", "resnet32"]
     for curve in data["curves"].values():
         assert curve["iterations"] == [12, 24]
