@@ -19,7 +19,8 @@ def plot_history(history, path, title=None):
     weights in eval mode: it is drawn at e. (So in epoch 1 the training
     accuracy, which includes the first, worst batches, can be below the test
     accuracy.) Left: per-batch training loss (thin, averaged in chunks) on a
-    log axis with labelled ticks. Right: accuracy, with each test value labelled.
+    log axis with labelled ticks. Right: accuracy, with each test value labelled
+    (beyond six epochs: the best and the last).
     """
     from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 
@@ -50,9 +51,17 @@ def plot_history(history, path, title=None):
                 label="train, mean over the epoch\n(weights changing; drawn mid-epoch)")
     ax_acc.plot(epochs, [100 * r["test_acc"] for r in history], "s-", color="tab:red",
                 label="test, after the epoch (eval mode)")
-    for e, acc in zip(epochs, [r["test_acc"] for r in history]):
-        ax_acc.annotate(f"{100 * acc:.1f}%", (e, 100 * acc), textcoords="offset points", xytext=(9, 0),
-                        ha="left", va="center", fontsize=8, color="tab:red",
+    test_accs = [r["test_acc"] for r in history]
+    if len(epochs) <= 6:  # every test value, to the right of its point
+        labels = [(e, acc, "", (9, 0), "left", "center") for e, acc in zip(epochs, test_accs)]
+    else:  # a longer run: only the best (above its point) and the last (below), so no label hides another
+        best = test_accs.index(max(test_accs))
+        labels = [(epochs[best], test_accs[best], "best ", (0, 9), "center", "bottom")]
+        if best != len(epochs) - 1:
+            labels.append((epochs[-1], test_accs[-1], "last ", (0, -9), "center", "top"))
+    for e, acc, what, offset, ha, va in labels:
+        ax_acc.annotate(f"{what}{100 * acc:.1f}%", (e, 100 * acc), textcoords="offset points", xytext=offset,
+                        ha=ha, va=va, fontsize=8, color="tab:red",
                         bbox=dict(boxstyle="round,pad=0.15", fc="white", ec="none", alpha=0.8))
     ax_acc.set_xlabel("epoch")
     ax_acc.set_ylabel("accuracy (%)")

@@ -51,6 +51,19 @@ def test_train_writes_history_checkpoint_and_curves(tmp_path):
     assert "layer3.2.bn2.running_var" in model_state and "momentum_buffer.fc.weight" in optim_state
 
 
+@pytest.mark.parametrize("epochs,expected", [(3, ["60.0%", "70.0%", "65.0%"]), (10, ["best 74.0%", "last 72.0%"])])
+def test_curves_label_every_test_value_or_only_the_best_and_last(tmp_path, monkeypatch, epochs, expected):
+    """Up to six epochs every test accuracy is labelled; beyond, only the best and the last, so none overlap."""
+    from minires import plots
+    accs = [0.6, 0.7, 0.65] if epochs == 3 else [0.6, 0.65, 0.7, 0.68, 0.71, 0.7, 0.72, 0.73, 0.74, 0.72]
+    history = [dict(epoch=e + 1, train_loss=1.0 / (e + 1), test_loss=1.1 / (e + 1), train_acc=acc, test_acc=acc,
+                    batch_losses=[1.0, 0.9]) for e, acc in enumerate(accs)]
+    figures = []
+    monkeypatch.setattr(plots.plt, "close", figures.append)
+    plots.plot_history(history, str(tmp_path / "curves.png"))
+    assert [t.get_text() for t in figures[0].axes[1].texts] == expected
+
+
 def interrupt_at_epoch(monkeypatch, epoch):
     """Make the training loop raise KeyboardInterrupt when ``epoch`` starts (a Ctrl-C)."""
     from minires import train as train_module
