@@ -503,7 +503,7 @@ def test_an_empty_data_dir_is_an_error_not_a_fallback(tmp_path, monkeypatch):
         with pytest.raises(FileNotFoundError) as info:
             load_dataset("fashion-mnist", data_dir=empty, download=download, verify=False)
         message = str(info.value)
-        assert f"named by --data-dir (data_dir=): {empty}" in message
+        assert f"named by --data-dir (data_dir=... in Python): {empty}" in message
         for name in IDX_NAMES:  # the files it looked for
             assert name in message
         assert f"{empty} (missing {', '.join(IDX_NAMES)})" in message

@@ -349,7 +349,7 @@ def test_cli_empty_data_dir_is_an_error(tmp_path, capsys, monkeypatch):
         main(["train", "--data-dir", str(empty), "--subset", "64", "--epochs", "1", "--out", str(tmp_path / "o")])
     err = capsys.readouterr().err
     assert info.value.code == 2 and err.startswith("minires train: error: dataset 'fashion-mnist' not found "
-                                                   f"in the folder named by --data-dir (data_dir=): {empty}")
+                                                   f"in the folder named by --data-dir (data_dir=... in Python): {empty}")
     assert "t10k-labels-idx1-ubyte.gz" in err and "never falls back" in err and "Traceback" not in err
     assert not (tmp_path / "o").exists()
 

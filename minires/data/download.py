@@ -154,7 +154,7 @@ def named_dir(data_dir=None):
     """The folder the user named, as ``(folder, how it was named)``, or None:
     ``data_dir`` first, then ``$MINIRES_DATA``."""
     if data_dir:
-        return Path(data_dir).expanduser(), "--data-dir (data_dir=)"
+        return Path(data_dir).expanduser(), "--data-dir (data_dir=... in Python)"
     if os.environ.get("MINIRES_DATA"):
         return Path(os.environ["MINIRES_DATA"]).expanduser(), "MINIRES_DATA"
     return None
