@@ -329,12 +329,27 @@ def _write_json(path, data, indent=1):
 
 # --- command line ------------------------------------------------------------------
 
+def _presets_help():
+    """What each preset sets (an option on the command line overrides it), for ``--help``."""
+    lines = ["presets (an option given on the command line overrides the preset's value):"]
+    for name in PRESETS:
+        config = make_config(name)
+        lines.append(textwrap.fill(f"{name}: {config.description}; a point every {config.eval_every} and a "
+                                   f"heatmap row every {config.record_every} iterations", 100,
+                                   initial_indent="  ", subsequent_indent="    "))
+    config = make_config("quick")
+    lines.append(f"every preset: SGD momentum {config.momentum:g}, weight decay {config.weight_decay:g}, seed "
+                 f"{config.seed}, networks {' '.join(config.networks)}")
+    return "\n".join(lines)
+
+
 def add_parser(sub):
     """``python -m minires degradation``."""
     p = sub.add_parser("degradation", help="train plain-20/56 and ResNet-20/56: error vs iterations (He et al. Fig. 6)",
                        description="Train plain-20, plain-56, ResNet-20 and ResNet-56 with the same recipe on "
                                    "Fashion-MNIST; plot training error (thin) and test error (bold) vs iterations, "
-                                   "and per-layer gradient norms during training (plain-56 vs ResNet-56).")
+                                   "and per-layer gradient norms during training (plain-56 vs ResNet-56).",
+                       epilog=_presets_help(), formatter_class=argparse.RawDescriptionHelpFormatter)
     preset = p.add_mutually_exclusive_group()
     preset.add_argument("--quick", dest="preset", action="store_const", const="quick",
                         help="2-core CPU, about 10 minutes: a first look (the default)")
