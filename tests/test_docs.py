@@ -2,7 +2,9 @@
 exists, every function a link names is defined in the linked file, and every
 code block marked as runnable (```python run / ```bash run) runs."""
 import ast
+import contextlib
 import importlib
+import io
 import os
 import re
 import subprocess
@@ -275,3 +277,46 @@ def test_readme_commands_run_shortened(tmp_path):
             assert "gradient check: PASS (worst relative error" in proc.stdout
         if " train " in short:
             assert "data: fashion-mnist, SHA-256 of each file's decompressed content matches" in proc.stdout
+
+
+# --- every `python -m minires ...` the README and the docs show parses ---------------
+
+INLINE_COMMAND = re.compile(r"`(?:[A-Z_]+=\S+ )*python -m minires ([^`]+)`")
+PLACEHOLDER = re.compile(r"\.\.\.|\s[|/]\s|\bPART\b|\bS\b")  # a pattern of commands, not one to run
+
+
+def shown_commands():
+    """(file, arguments) of every minires command written in the README or a doc page:
+    inline in backticks, or as a line of a code block (continuation lines joined)."""
+    found = []
+    for path in [README] + DOC_FILES:
+        text = path.read_text()
+        for _, code in CODE_BLOCK.findall(text):
+            for line in code.replace("\\\n", " ").splitlines():
+                line = re.split(r"\s+#\s", line)[0]
+                match = re.match(r"\s*(?:[A-Z_]+=\S+\s+)*python -m minires (.+)", line)
+                if match:
+                    found.append((path.name, match.group(1)))
+        found += [(path.name, args) for args in INLINE_COMMAND.findall(CODE_BLOCK.sub("", text))]
+    return [(name, args.strip()) for name, args in found if not PLACEHOLDER.search(args)]
+
+
+def test_every_command_the_docs_show_parses():
+    """A renamed flag or subcommand breaks the docs that show it: each command must parse."""
+    import shlex
+    from minires.cli import build_parser
+
+    commands = shown_commands()
+    assert len(commands) > 30  # the README's and the docs' commands were all found
+    failed = []
+    for name, args in commands:
+        words = shlex.split(re.split(r"\s(?:\|\||&&|>|\||;)\s", args)[0])  # up to a shell operator
+        if len(words) == 1:  # the command's name in a sentence: it must exist (its --help exits 0)
+            words.append("--help")
+        try:
+            with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+                build_parser().parse_args(words)
+        except SystemExit as exit:
+            if exit.code != 0 or words[-1] != "--help":
+                failed.append(f"{name}: python -m minires {args}")
+    assert not failed, "these commands do not parse:\n" + "\n".join(failed)
