@@ -118,6 +118,34 @@ def plot_gradflow_heatmap(runs, path, title=None):
     plt.close(fig)
 
 
+def _zoom_on_the_second_half(ax, curves, colors, plain):
+    """An inset with the second half of the run, where a panel's curves end too close
+    together to tell apart on the shared axis (typically the ResNets)."""
+    names = [n for n in curves if n.startswith("plain") == plain]
+    if not names:
+        return
+    late = [(i, it) for i, it in enumerate(curves[names[0]]["iterations"]) if it >= curves[names[0]]["iterations"][-1] / 2]
+    if len(late) < 2:
+        return
+    values = [100 * c[key][i] for n in names for key in ("train_error", "test_error")
+              for c in (curves[n],) for i, _ in late]
+    bottom, top = ax.get_ylim()
+    if max(values) > bottom + 0.4 * (top - bottom):  # the curves are far apart, or high: no zoom needed
+        return
+    inset = ax.inset_axes([0.42, 0.52, 0.55, 0.34])
+    for name in names:
+        c, color = curves[name], colors[int("".join(ch for ch in name if ch.isdigit()))]
+        its = [it for _, it in late]
+        inset.plot(its, [100 * c["train_error"][i] for i, _ in late], lw=0.9, color=color, marker=".")
+        inset.plot(its, [100 * c["test_error"][i] for i, _ in late], lw=2.6, color=color)
+    pad = 0.1 * (max(values) - min(values)) + 0.2
+    inset.set_ylim(min(values) - pad, max(values) + pad)
+    inset.set_title("second half, zoomed (error %)", fontsize=8, pad=3)
+    inset.tick_params(labelsize=7)
+    inset.grid(alpha=0.3)
+    ax.get_legend().set_bbox_to_anchor((1, 0.34), transform=ax.transAxes)
+
+
 def plot_degradation(data, path):
     """Degradation experiment data -> PNG in the style of He et al. (2016), Fig. 6.
 
@@ -152,6 +180,8 @@ def plot_degradation(data, path):
         ax.legend(handles, labels, fontsize=8, loc="center right")
     ax_plain.set_ylabel("error (%)")
     ax_plain.set_ylim(0, min(100, 10 * math.ceil(10 * highest + 0.5)))
+    for ax in (ax_plain, ax_res):
+        _zoom_on_the_second_half(ax, curves, colors, plain=ax is ax_plain)
     recipe = textwrap.fill(f"({config['preset']} preset: {config['description']})", 150)
     fig.suptitle(f"Degradation on {config['dataset']}: same recipe, same initial seed, same data order\n"
                  f"{recipe}", fontsize=10)

@@ -320,3 +320,24 @@ def test_missing_dataset_is_an_error_never_a_synthetic_batch(monkeypatch):
     x, y, source = load_batch(6, seed=0, synthetic=True)  # noise only when asked for, and labelled
     assert x.shape == (6, 1, 28, 28) and x.dtype == numpy.float32 and y.shape == (6,)
     assert source.startswith("SYNTHETIC") and "requested" in source
+
+
+def test_degradation_figure_zooms_where_the_curves_end_close(tmp_path, monkeypatch):
+    """The ResNets' curves end half a point apart on a 0-90% axis: an inset shows the second half;
+    the plain nets end 40 points apart and get none."""
+    from minires import plots_gradflow
+
+    def curve(errors):
+        return {"iterations": [200 * (i + 1) for i in range(len(errors))], "train_error": errors,
+                "test_error": [e + 0.01 for e in errors], "train_batch_error": errors}
+
+    data = {"config": {"preset": "standard", "description": "test", "dataset": "fashion-mnist"},
+            "curves": {"plain20": curve([0.3, 0.2, 0.15, 0.1]), "plain56": curve([0.8, 0.8, 0.7, 0.5]),
+                       "resnet20": curve([0.3, 0.15, 0.1, 0.094]), "resnet56": curve([0.3, 0.16, 0.1, 0.089])}}
+    figures = []
+    monkeypatch.setattr(plots_gradflow.plt, "close", figures.append)
+    plots_gradflow.plot_degradation(data, str(tmp_path / "degradation.png"))
+    ax_plain, ax_res = figures[0].axes[:2]
+    assert not ax_plain.child_axes and len(ax_res.child_axes) == 1
+    inset = ax_res.child_axes[0]
+    assert inset.get_ylim()[1] < 20 and [list(line.get_xdata()) for line in inset.lines][0] == [400, 600, 800]
