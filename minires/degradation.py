@@ -11,7 +11,7 @@ notes every weight layer's gradient norm, for the heatmap of gradient flow
 during training.
 
 ``python -m minires degradation --quick --out DIR`` (2-core CPU, about 10
-minutes), ``--standard`` (2-core CPU, under 45 minutes: the paper's ordering)
+minutes), ``--standard`` (2-core CPU, about 40 minutes: the paper's ordering, with every ResNet branch starting at zero)
 or ``--full`` (a GPU: ``--backend cupy``) writes into DIR:
 
 * ``degradation.json`` -- config and, per network, iterations, train error,
@@ -354,8 +354,8 @@ def add_parser(sub):
     preset.add_argument("--quick", dest="preset", action="store_const", const="quick",
                         help="2-core CPU, about 10 minutes: a first look (the default)")
     preset.add_argument("--standard", dest="preset", action="store_const", const="standard",
-                        help="2-core CPU, about 40 minutes: five times the quick run (see docs/gradient-flow.md "
-                             "for what it shows)")
+                        help="2-core CPU, about 40 minutes: five times the quick run, every ResNet branch "
+                             "starting at zero; its committed run ends in the paper's ordering (docs/gradient-flow.md)")
     preset.add_argument("--full", dest="preset", action="store_const", const="full",
                         help="a GPU run (use with --backend cupy): full training set, 20k iterations")
     p.set_defaults(preset="quick")
