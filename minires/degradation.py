@@ -11,8 +11,9 @@ notes every weight layer's gradient norm, for the heatmap of gradient flow
 during training.
 
 ``python -m minires degradation --quick --out DIR`` (2-core CPU, about 10
-minutes), ``--standard`` (2-core CPU, about 40 minutes: the paper's ordering, with every ResNet branch starting at zero)
-or ``--full`` (a GPU: ``--backend cupy``) writes into DIR:
+minutes), ``--standard`` (2-core CPU, about 40 minutes: the paper's ordering,
+with every ResNet branch starting at zero) or ``--full`` (a GPU:
+``--backend cupy``) writes into DIR:
 
 * ``degradation.json`` -- config and, per network, iterations, train error,
   test error, seconds;  ``degradation.png`` -- Fig. 6 style curves;
