@@ -65,6 +65,7 @@ def test_time_layers_restores_methods_and_flags_float64():
     assert float32["ok"]
 
 
+@pytest.mark.slow  # ~14 s: two libraries' workers in alternating rounds
 def test_bench_compare_torch_interleaved(tmp_path):
     pytest.importorskip("torch")
     out = tmp_path / "bench.json"

@@ -45,6 +45,7 @@ def test_the_stand_in_is_strict():
     assert result.returncode == 0, result.stderr
 
 
+@pytest.mark.slow  # ~20 s: the whole gpu-marked suite in a subprocess (CI runs -m slow)
 def test_gpu_tests_pass_on_the_stand_in():
     """Every test marked ``gpu`` (the xp-parametrized suite on CuPy, the parity and kernel tests)."""
     result = _run(["-m", "pytest", "-q", "-rs", "-m", "gpu", "-p", "no:cacheprovider", "tests"])
@@ -73,6 +74,7 @@ def test_training_cli_on_the_stand_in(tmp_path):
     assert "test accuracy" in lines["cupy"] and lines["cupy"] == lines["numpy"], lines
 
 
+@pytest.mark.slow  # ~20 s of subprocess; training on the stand-in stays in the default run
 @needs_data
 def test_degradation_cli_on_the_stand_in(tmp_path):
     result = _run(["-m", "minires", "degradation", "--backend", "cupy", "--iterations", "4", "--batch", "8",
@@ -82,6 +84,7 @@ def test_degradation_cli_on_the_stand_in(tmp_path):
     assert "resnet56: final train error" in result.stdout
 
 
+@pytest.mark.slow  # ~14 s of subprocesses
 def test_inspection_clis_on_the_stand_in(tmp_path):
     """gradcheck (selected by MINIRES_BACKEND, as docs/gpu.md shows), the demo and gradflow on CuPy."""
     result = _run(["-m", "minires", "gradcheck"], backend="cupy")

@@ -35,7 +35,9 @@ def notebook_paths():
         for suffix in (".ipynb", ".py"):
             path = NOTEBOOK_DIR / f"{stem}{suffix}"
             if path.is_file():
-                found.append(pytest.param(stem, parts, path, id=stem))
+                # one notebook in the default run, the others (8 to 18 s each) in the slow run
+                marks = [] if stem.startswith("2-") else [pytest.mark.slow]
+                found.append(pytest.param(stem, parts, path, id=stem, marks=marks))
                 break
     return found
 
