@@ -124,26 +124,25 @@ def _zoom_on_the_second_half(ax, curves, colors, plain):
     names = [n for n in curves if n.startswith("plain") == plain]
     if not names:
         return
-    late = [(i, it) for i, it in enumerate(curves[names[0]]["iterations"]) if it >= curves[names[0]]["iterations"][-1] / 2]
+    iterations = curves[names[0]]["iterations"]
+    late = [i for i, it in enumerate(iterations) if it >= iterations[-1] / 2]
     if len(late) < 2:
         return
-    values = [100 * c[key][i] for n in names for key in ("train_error", "test_error")
-              for c in (curves[n],) for i, _ in late]
+    values = [100 * curves[n][key][i] for n in names for key in ("train_error", "test_error") for i in late]
     bottom, top = ax.get_ylim()
     if max(values) > bottom + 0.4 * (top - bottom):  # the curves are far apart, or high: no zoom needed
         return
-    inset = ax.inset_axes([0.42, 0.52, 0.55, 0.34])
+    inset = ax.inset_axes([0.42, 0.50, 0.55, 0.40])
     for name in names:
         c, color = curves[name], colors[int("".join(ch for ch in name if ch.isdigit()))]
-        its = [it for _, it in late]
-        inset.plot(its, [100 * c["train_error"][i] for i, _ in late], lw=0.9, color=color, marker=".")
-        inset.plot(its, [100 * c["test_error"][i] for i, _ in late], lw=2.6, color=color)
+        its = [iterations[i] for i in late]
+        inset.plot(its, [100 * c["train_error"][i] for i in late], lw=0.9, color=color, marker=".")
+        inset.plot(its, [100 * c["test_error"][i] for i in late], lw=2.6, color=color)
     pad = 0.1 * (max(values) - min(values)) + 0.2
     inset.set_ylim(min(values) - pad, max(values) + pad)
     inset.set_title("second half, zoomed (error %)", fontsize=8, pad=3)
     inset.tick_params(labelsize=7)
     inset.grid(alpha=0.3)
-    ax.get_legend().set_bbox_to_anchor((1, 0.34), transform=ax.transAxes)
 
 
 def plot_degradation(data, path):
@@ -155,7 +154,7 @@ def plot_degradation(data, path):
     mini-batches since the previous point).
     """
     curves, config = data["curves"], data["config"]
-    fig, (ax_plain, ax_res) = plt.subplots(1, 2, figsize=(12, 4.6), sharey=True)
+    fig, (ax_plain, ax_res) = plt.subplots(1, 2, figsize=(12, 5.4), sharey=True)
     colors = {}
     palette = ["tab:orange", "tab:red", "tab:purple", "tab:brown"]
     highest = 0.0
@@ -165,8 +164,8 @@ def plot_degradation(data, path):
         ax = ax_plain if name.startswith("plain") else ax_res
         ax.plot(c["iterations"], [100 * e for e in c["train_error"]], lw=0.9, color=color, alpha=0.9)
         ax.plot(c["iterations"], [100 * e for e in c["test_error"]], lw=2.6, color=color,
-                label=f"{_pretty(name)}  (final test {100 * c['test_error'][-1]:.1f}%, "
-                      f"train {100 * c['train_error'][-1]:.1f}%)")
+                label=f"{_pretty(name)}  (final test {100 * c['test_error'][-1]:.2f}%, "
+                      f"train {100 * c['train_error'][-1]:.2f}%)")
         highest = max(highest, max(c["train_error"] + c["test_error"]))
     for ax, title in ((ax_plain, "plain networks"), (ax_res, "residual networks")):
         ax.set_title(title)
@@ -177,7 +176,8 @@ def plot_degradation(data, path):
         # a run that also kept the mini-batch error measured the training error in eval mode
         eval_mode = " (eval mode)" if "train_batch_error" in config else ""
         labels += [f"thin: training error{eval_mode}", "bold: test error"]
-        ax.legend(handles, labels, fontsize=8, loc="center right")
+        # below the axes, where it hides no curve
+        ax.legend(handles, labels, fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.13), ncol=2)
     ax_plain.set_ylabel("error (%)")
     ax_plain.set_ylim(0, min(100, 10 * math.ceil(10 * highest + 0.5)))
     for ax in (ax_plain, ax_res):
