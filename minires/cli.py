@@ -259,7 +259,7 @@ def run_gradcheck(args):
 COMMANDS = [add_train, add_summary, add_gradcheck, add_assignment, add_gradflow, add_degradation, add_bench]
 
 #: The commands that run a model and so take ``--kernels`` (see minires/ops.py).
-KERNEL_COMMANDS = ("train", "evaluate", "bench", "gradflow", "degradation")
+KERNEL_COMMANDS = ("train", "evaluate", "bench", "gradcheck", "gradflow", "degradation")
 
 
 def build_parser():

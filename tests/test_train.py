@@ -377,6 +377,15 @@ def test_cli_help_is_grouped_and_says_why_defaults_differ(capsys):
 
 
 @needs_data
+def test_cli_gradcheck_takes_the_kernels_flag(capsys):
+    """`gradcheck --kernels textbook` checks the textbook's ops (the README quotes both settings)."""
+    from minires import ops
+    from minires.cli import main
+    assert not main(["gradcheck", "--kernels", "textbook"])  # exit status 0
+    assert "all backward passes agree with numerical gradients" in capsys.readouterr().out
+    assert ops.get_kernels() == "fast"
+
+
 def test_cli_kernels_flag_trains_on_the_textbook_then_restores(tmp_path, capsys):
     from minires import ops
 
