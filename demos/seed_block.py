@@ -116,7 +116,7 @@ def main(argv=None):
     try:
         import torch
     except ImportError:
-        print("\nPyTorch not installed: parity with PyTorch not checked (pip install torch to add it)")
+        print("\nPyTorch not installed: parity with PyTorch not checked (pip install torch==2.13.0 to add it)")
         return 1 if failed else 0
     from minires.interop import state_dict_to_torch
     tnn = torch.nn
