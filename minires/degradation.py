@@ -105,7 +105,7 @@ PRESETS = {
     # images pooled to 14x14, which cuts the compute 4x (the networks are unchanged).
     "quick": dict(iterations=400, batch=64, subset=25600, image_size=14, eval_every=40, eval_size=1000,
                   train_eval_size=1000, record_every=4),
-    # 2-core CPU, under 45 minutes: about two passes over all 60,000 training images at 14x14,
+    # 2-core CPU, about 40 minutes: about two passes over all 60,000 training images at 14x14,
     # a 5% warm-up, then a cosine decay to 0; every ResNet starts as its shortcut path, without
     # which this budget is too short for ResNet-56 to pass ResNet-20 (runs in docs/gradient-flow.md).
     "standard": dict(iterations=2000, batch=64, subset=None, image_size=14, eval_every=200, eval_size=2000,
@@ -395,6 +395,7 @@ def run(args):
                          subset=args.subset, image_size=args.image_size, eval_every=args.eval_every,
                          eval_size=args.eval_size, train_eval_size=args.train_eval_size,
                          record_every=args.record_every, lr=args.lr, schedule=args.schedule, warmup=args.warmup,
-                         zero_init_residual=args.zero_init_residual, networks=args.networks, backend=args.backend, data_dir=args.data_dir)
+                         zero_init_residual=args.zero_init_residual, networks=args.networks, backend=args.backend,
+                         data_dir=args.data_dir)
     run_experiment(config, args.out)
     return 0

@@ -197,7 +197,7 @@ def load_batch(batch_size, seed=0, data_dir=None, dataset="fashion-mnist", synth
     else:
         if data_dir is not None and not os.path.isdir(data_dir):
             raise FileNotFoundError(f"data directory {data_dir!r} does not exist")
-        (images, labels, _, _), files = load_dataset(dataset, data_dir, progress=False, return_files=True)
+        (images, labels, _, _), files = load_dataset(dataset, data_dir, return_files=True)
         if not 1 <= batch_size <= len(labels):
             raise ValueError(f"batch must be in 1..{len(labels)}, got {batch_size}")
         idx = rng.choice(len(labels), size=batch_size, replace=False)

@@ -56,9 +56,11 @@ def plot_history(history, path, title=None):
         labels = [(e, acc, "", (9, 0), "left", "center") for e, acc in zip(epochs, test_accs)]
     else:  # a longer run: only the best (above its point) and the last (below), so no label hides another
         best = test_accs.index(max(test_accs))
-        labels = [(epochs[best], test_accs[best], "best ", (0, 9), "center", "bottom")]
-        if best != len(epochs) - 1:
-            labels.append((epochs[-1], test_accs[-1], "last ", (0, -9), "center", "top"))
+        if best == len(epochs) - 1:
+            labels = [(epochs[-1], test_accs[-1], "best and last ", (0, 9), "center", "bottom")]
+        else:
+            labels = [(epochs[best], test_accs[best], "best ", (0, 9), "center", "bottom"),
+                      (epochs[-1], test_accs[-1], "last ", (0, -9), "center", "top")]
     for e, acc, what, offset, ha, va in labels:
         ax_acc.annotate(f"{what}{100 * acc:.1f}%", (e, 100 * acc), textcoords="offset points", xytext=offset,
                         ha=ha, va=va, fontsize=8, color="tab:red",

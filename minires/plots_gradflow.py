@@ -119,8 +119,9 @@ def plot_gradflow_heatmap(runs, path, title=None):
 
 
 def _zoom_on_the_second_half(ax, curves, colors, plain):
-    """An inset with the second half of the run, where a panel's curves end too close
-    together to tell apart on the shared axis (typically the ResNets)."""
+    """An inset with the second half of the run, when every late value of a panel sits in
+    the bottom 40% of the shared axis (typically the ResNets, a few points apart near 10%),
+    where differences of a point cannot be read."""
     names = [n for n in curves if n.startswith("plain") == plain]
     if not names:
         return

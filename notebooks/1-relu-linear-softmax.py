@@ -109,8 +109,9 @@ assignment.check_parts("softmax_cross_entropy_backward")
 # Fashion-MNIST training images, every gradient computed by the four functions
 # you wrote. A correct backward drives the training loss to almost zero within a
 # few hundred steps: a network that cannot memorize 64 images has a bug. (If
-# Fashion-MNIST is not on this machine the batch is random noise with random
-# labels, and the next cell says so; noise can be memorized too.)
+# Fashion-MNIST is not on this machine it is downloaded; with no network, pass
+# `synthetic=True` to `load_batch` for random noise with random labels: noise
+# can be memorized too.)
 
 # %%
 from minires.gradflow import load_batch

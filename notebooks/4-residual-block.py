@@ -69,8 +69,8 @@ assignment.check_parts("residual_block_backward")
 #
 # `minires.gradflow` builds plain-N and ResNet-N (the CIFAR family, 6n+2 layers)
 # with the *same* weights, so the shortcuts are the only difference, runs one
-# training-mode forward and backward on a batch of 8 Fashion-MNIST images (random
-# noise if the data is not on this machine: the output says which), and records the
+# training-mode forward and backward on a batch of 8 Fashion-MNIST images (downloaded
+# if they are not on this machine; `synthetic=True` asks for noise), and records the
 # gradient norms layer by layer. In this copy every convolution, BatchNorm, ReLU,
 # pooling and loss backward is yours, and so is the block's. Depths 8 and 20, in
 # float64, take a few seconds.

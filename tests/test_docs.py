@@ -282,7 +282,7 @@ def test_readme_commands_run_shortened(tmp_path):
 # --- every `python -m minires ...` the README and the docs show parses ---------------
 
 INLINE_COMMAND = re.compile(r"`(?:[A-Z_]+=\S+ )*python -m minires ([^`]+)`")
-PLACEHOLDER = re.compile(r"\.\.\.|\s[|/]\s|\bPART\b|\bS\b")  # a pattern of commands, not one to run
+PLACEHOLDER = re.compile(r"\.\.\.|\s/\s|\bPART\b|\bS\b")  # a pattern of commands, not one to run
 
 
 def shown_commands():

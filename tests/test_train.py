@@ -51,11 +51,14 @@ def test_train_writes_history_checkpoint_and_curves(tmp_path):
     assert "layer3.2.bn2.running_var" in model_state and "momentum_buffer.fc.weight" in optim_state
 
 
-@pytest.mark.parametrize("epochs,expected", [(3, ["60.0%", "70.0%", "65.0%"]), (10, ["best 74.0%", "last 72.0%"])])
-def test_curves_label_every_test_value_or_only_the_best_and_last(tmp_path, monkeypatch, epochs, expected):
+@pytest.mark.parametrize("accs,expected", [
+    ([0.6, 0.7, 0.65], ["60.0%", "70.0%", "65.0%"]),
+    ([0.6, 0.65, 0.7, 0.68, 0.71, 0.72], ["60.0%", "65.0%", "70.0%", "68.0%", "71.0%", "72.0%"]),
+    ([0.6, 0.65, 0.7, 0.68, 0.71, 0.7, 0.72], ["best and last 72.0%"]),
+    ([0.6, 0.65, 0.7, 0.68, 0.71, 0.7, 0.72, 0.73, 0.74, 0.72], ["best 74.0%", "last 72.0%"])])
+def test_curves_label_every_test_value_or_only_the_best_and_last(tmp_path, monkeypatch, accs, expected):
     """Up to six epochs every test accuracy is labelled; beyond, only the best and the last, so none overlap."""
     from minires import plots
-    accs = [0.6, 0.7, 0.65] if epochs == 3 else [0.6, 0.65, 0.7, 0.68, 0.71, 0.7, 0.72, 0.73, 0.74, 0.72]
     history = [dict(epoch=e + 1, train_loss=1.0 / (e + 1), test_loss=1.1 / (e + 1), train_acc=acc, test_acc=acc,
                     batch_losses=[1.0, 0.9]) for e, acc in enumerate(accs)]
     figures = []
@@ -376,16 +379,24 @@ def test_cli_help_is_grouped_and_says_why_defaults_differ(capsys):
     assert "train --subset N tests each epoch on a stratified sample" in shown
 
 
-@needs_data
-def test_cli_gradcheck_takes_the_kernels_flag(capsys):
-    """`gradcheck --kernels textbook` checks the textbook's ops (the README quotes both settings)."""
+def test_cli_gradcheck_takes_the_kernels_flag(capsys, monkeypatch):
+    """`gradcheck --kernels textbook` checks the layers on the textbook's ops (the README quotes both settings)."""
+    import minires.gradcheck
     from minires import ops
-    from minires.cli import main
+
+    real, kinds = minires.gradcheck.check_module, set()
+
+    def spy(*args, **kwargs):
+        kinds.add(ops.get_kernels())
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(minires.gradcheck, "check_module", spy)
     assert not main(["gradcheck", "--kernels", "textbook"])  # exit status 0
     assert "all backward passes agree with numerical gradients" in capsys.readouterr().out
-    assert ops.get_kernels() == "fast"
+    assert kinds == {"textbook"} and ops.get_kernels() == "fast"
 
 
+@needs_data
 def test_cli_kernels_flag_trains_on_the_textbook_then_restores(tmp_path, capsys):
     from minires import ops
 
@@ -398,7 +409,7 @@ def test_cli_kernels_flag_trains_on_the_textbook_then_restores(tmp_path, capsys)
     assert ops.get_kernels() == "fast"  # the flag holds for the command, not after it
 
 
-@pytest.mark.parametrize("command", ["train", "evaluate", "bench", "gradflow", "degradation"])
+@pytest.mark.parametrize("command", ["train", "evaluate", "bench", "gradcheck", "gradflow", "degradation"])
 def test_cli_kernels_flag_on_every_command_that_runs_a_model(command, capsys):
     with pytest.raises(SystemExit):
         main([command, "--help"])
