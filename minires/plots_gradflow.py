@@ -118,7 +118,7 @@ def plot_gradflow_heatmap(runs, path, title=None):
     plt.close(fig)
 
 
-def _zoom_on_the_second_half(ax, curves, colors, plain):
+def _zoom_on_the_second_half(ax, curves, color_of, plain):
     """An inset with the second half of the run, when every late value of a panel sits in
     the bottom 40% of the shared axis (typically the ResNets, a few points apart near 10%),
     where differences of a point cannot be read."""
@@ -134,11 +134,11 @@ def _zoom_on_the_second_half(ax, curves, colors, plain):
     if max(values) > bottom + 0.4 * (top - bottom):  # the curves are far apart, or high: no zoom needed
         return
     inset = ax.inset_axes([0.42, 0.50, 0.55, 0.40])
+    its = [iterations[i] for i in late]
     for name in names:
-        c, color = curves[name], colors[int("".join(ch for ch in name if ch.isdigit()))]
-        its = [iterations[i] for i in late]
-        inset.plot(its, [100 * c["train_error"][i] for i in late], lw=0.9, color=color, marker=".")
-        inset.plot(its, [100 * c["test_error"][i] for i in late], lw=2.6, color=color)
+        c = curves[name]
+        inset.plot(its, [100 * c["train_error"][i] for i in late], lw=0.9, color=color_of[name], marker=".")
+        inset.plot(its, [100 * c["test_error"][i] for i in late], lw=2.6, color=color_of[name])
     pad = 0.1 * (max(values) - min(values)) + 0.2
     inset.set_ylim(min(values) - pad, max(values) + pad)
     inset.set_title("second half, zoomed (error %)", fontsize=8, pad=3)
@@ -156,12 +156,12 @@ def plot_degradation(data, path):
     """
     curves, config = data["curves"], data["config"]
     fig, (ax_plain, ax_res) = plt.subplots(1, 2, figsize=(12, 5.4), sharey=True)
-    colors = {}
+    colors, color_of = {}, {}  # one color per depth, the same in both panels
     palette = ["tab:orange", "tab:red", "tab:purple", "tab:brown"]
     highest = 0.0
     for name, c in curves.items():
         depth = int("".join(ch for ch in name if ch.isdigit()))
-        color = colors.setdefault(depth, palette[len(colors) % len(palette)])
+        color = color_of[name] = colors.setdefault(depth, palette[len(colors) % len(palette)])
         ax = ax_plain if name.startswith("plain") else ax_res
         ax.plot(c["iterations"], [100 * e for e in c["train_error"]], lw=0.9, color=color, alpha=0.9)
         ax.plot(c["iterations"], [100 * e for e in c["test_error"]], lw=2.6, color=color,
@@ -182,7 +182,7 @@ def plot_degradation(data, path):
     ax_plain.set_ylabel("error (%)")
     ax_plain.set_ylim(0, min(100, 10 * math.ceil(10 * highest + 0.5)))
     for ax in (ax_plain, ax_res):
-        _zoom_on_the_second_half(ax, curves, colors, plain=ax is ax_plain)
+        _zoom_on_the_second_half(ax, curves, color_of, plain=ax is ax_plain)
     recipe = textwrap.fill(f"({config['preset']} preset: {config['description']})", 150)
     fig.suptitle(f"Degradation on {config['dataset']}: same recipe, same initial seed, same data order\n"
                  f"{recipe}", fontsize=10)
